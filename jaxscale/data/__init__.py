@@ -1,0 +1,6 @@
+"""Input: data sources by name and the batches built from them."""
+from jaxscale.data.pipeline import TrainLoader, eval_batches, num_eval_batches
+from jaxscale.data.sources import Dataset, check_dataset_name, load_dataset
+
+__all__ = ["Dataset", "TrainLoader", "check_dataset_name", "eval_batches", "load_dataset",
+           "num_eval_batches"]

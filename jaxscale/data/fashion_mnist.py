@@ -1,0 +1,95 @@
+"""Fashion-MNIST offline: Debian's IDX files converted once into a TFDS array_record dataset.
+
+TFDS's own `fashion_mnist` builder stores PNG-encoded images, and encoding `tfds.features.Image`
+needs TensorFlow. This builder stores the same pixels as a uint8 `Tensor` feature, which TFDS
+writes and reads without TensorFlow, so the conversion and the training process stay TF-free.
+"""
+from __future__ import annotations
+
+import gzip
+import os
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+BUILDER_NAME = "fashion_mnist_idx"
+_FILES = {
+    "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+    "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
+}
+CLASS_NAMES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
+               "Sneaker", "Bag", "Ankle boot")
+
+
+def read_idx(path: str) -> np.ndarray:
+  """Reads one (optionally gzipped) IDX file of unsigned bytes into an array."""
+  opener = gzip.open if path.endswith(".gz") else open
+  with opener(path, "rb") as f:
+    raw = f.read()
+  magic = int.from_bytes(raw[:4], "big")
+  if magic >> 8 != 0x08:  # 0x08: unsigned byte data
+    raise ValueError(f"{path}: not an IDX file of unsigned bytes (magic {magic:#x})")
+  ndim = magic & 0xFF
+  shape = tuple(int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim))
+  data = np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim)
+  if data.size != int(np.prod(shape)):
+    raise ValueError(f"{path}: truncated IDX file ({data.size} bytes for shape {shape})")
+  return data.reshape(shape)
+
+
+def idx_paths(idx_dir: str, split: str) -> tuple[str, str]:
+  """The (images, labels) files of a split, accepting gzipped or plain names."""
+  paths = []
+  for name in _FILES[split]:
+    path = os.path.join(idx_dir, name)
+    if not os.path.exists(path) and os.path.exists(path[:-3]):
+      path = path[:-3]
+    paths.append(path)
+  return tuple(paths)
+
+
+class FashionMnistIdx(tfds.core.GeneratorBasedBuilder):
+  """Fashion-MNIST (Xiao et al., arXiv 1708.07747) built from local IDX files."""
+
+  VERSION = tfds.core.Version("1.0.0")
+
+  def __init__(self, *, idx_dir: str, **kwargs):
+    self._idx_dir = idx_dir
+    super().__init__(**kwargs)
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    # DatasetInfo directly: dataset_info_from_configs looks for metadata files beside the module.
+    return tfds.core.DatasetInfo(
+        builder=self,
+        description="Fashion-MNIST from IDX files, images as a uint8 Tensor feature.",
+        features=tfds.features.FeaturesDict({
+            "image": tfds.features.Tensor(shape=(28, 28, 1), dtype=np.uint8),
+            "label": tfds.features.ClassLabel(names=CLASS_NAMES),
+        }),
+        supervised_keys=("image", "label"),
+    )
+
+  def _split_generators(self, dl_manager):
+    del dl_manager  # everything is local
+    return {split: self._generate_examples(split) for split in _FILES}
+
+  def _generate_examples(self, split):
+    images_path, labels_path = idx_paths(self._idx_dir, split)
+    images, labels = read_idx(images_path), read_idx(labels_path)
+    if len(images) != len(labels):
+      raise ValueError(f"{images_path}: {len(images)} images but {labels_path} has {len(labels)}")
+    for i, (image, label) in enumerate(zip(images, labels)):
+      yield i, {"image": image[..., None], "label": int(label)}
+
+
+def has_idx_files(idx_dir: str) -> bool:
+  return all(os.path.exists(p) for split in _FILES for p in idx_paths(idx_dir, split))
+
+
+def prepare(idx_dir: str, data_dir: str) -> tfds.core.DatasetBuilder:
+  """Converts the IDX files once (a no-op when already done) and returns the builder."""
+  builder = FashionMnistIdx(idx_dir=idx_dir, data_dir=data_dir, file_format="array_record")
+  if not builder.is_prepared():
+    builder.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(verify_ssl=False))
+  return builder

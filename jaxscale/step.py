@@ -1,0 +1,170 @@
+"""The per-device train and eval steps, and the two ways to run them over a mesh.
+
+One per-device step function serves both transforms. It computes the local loss and gradient,
+then reduces explicitly: `lax.pmean` of the gradients and metrics over the data axes. Under
+`jax.shard_map` this needs `check_vma=False`: with `check_vma=True` JAX already sums the
+gradient of a replicated parameter over the axis, and the pmean would then leave an update N
+times too large. `jax.pmap` (legacy) runs the same function with a replicated state.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax import lax
+from jax.sharding import Mesh, PartitionSpec as P
+
+from jaxscale import mesh as mesh_lib
+
+
+class TrainState(flax.struct.PyTreeNode):
+  """Everything that changes during training; float32 master parameters."""
+  step: jax.Array
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+
+
+def create_train_state(model, make_optimizer: Callable[[Any], optax.GradientTransformation],
+                       rng: jax.Array, image_shape: tuple[int, ...]) -> TrainState:
+  """Initializes parameters from `rng` alone, so every process computes the same state."""
+  variables = model.init(rng, jnp.zeros((1, *image_shape), jnp.float32), train=False)
+  params = variables["params"]
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                    batch_stats=variables.get("batch_stats", {}),
+                    opt_state=make_optimizer(0.0).init(params))
+
+
+def normalize(images: jax.Array, mean, std, dtype=jnp.float32) -> jax.Array:
+  """uint8 images -> normalized floats, on the device (a quarter of float32's bytes to move)."""
+  x = (images.astype(jnp.float32) - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
+  return x.astype(dtype)
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0) -> jax.Array:
+  """Per-example softmax cross-entropy in float32, with optional label smoothing."""
+  targets = jax.nn.one_hot(labels, logits.shape[-1], dtype=jnp.float32)
+  if label_smoothing:
+    targets = optax.smooth_labels(targets, label_smoothing)
+  return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
+
+
+@dataclasses.dataclass(frozen=True)
+class StepSpec:
+  """What the per-device steps need besides the state and the batch."""
+  model: Any
+  make_optimizer: Callable[[Any], optax.GradientTransformation]  # learning rate -> optimizer
+  axes: tuple[str, ...]  # mesh axes the batch is split over
+  mean: tuple[float, ...]
+  std: tuple[float, ...]
+  label_smoothing: float = 0.0
+  sync_batch_stats: bool = False  # BN groups: average running statistics over all devices
+  compute_dtype: Any = jnp.float32
+
+
+def train_step(spec: StepSpec, state: TrainState, batch: dict, learning_rate: jax.Array):
+  """One optimizer step on this device's part of the global batch. Returns (state, metrics)."""
+  images = normalize(batch["image"], spec.mean, spec.std, spec.compute_dtype)
+  labels = batch["label"]
+
+  def loss_fn(params):
+    logits, new_vars = spec.model.apply(
+        {"params": params, "batch_stats": state.batch_stats}, images, train=True,
+        mutable=["batch_stats"])
+    loss = cross_entropy(logits, labels, spec.label_smoothing).mean()
+    return loss, (logits, new_vars.get("batch_stats", {}))
+
+  (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  # Local mean gradient -> global mean gradient (see the module docstring).
+  grads = lax.pmean(grads, spec.axes)
+  if spec.sync_batch_stats:
+    batch_stats = lax.pmean(batch_stats, spec.axes)
+  tx = spec.make_optimizer(learning_rate)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                            batch_stats=batch_stats, opt_state=opt_state)
+  accuracy = jnp.mean((jnp.argmax(logits, -1) == labels).astype(jnp.float32))
+  metrics = lax.pmean({"loss": loss, "accuracy": accuracy}, spec.axes)
+  return new_state, metrics
+
+
+def eval_step(spec: StepSpec, state: TrainState, batch: dict) -> dict[str, jax.Array]:
+  """Masked sums over the global batch: padding examples (mask 0) count for nothing."""
+  images = normalize(batch["image"], spec.mean, spec.std, spec.compute_dtype)
+  logits = spec.model.apply({"params": state.params, "batch_stats": state.batch_stats}, images,
+                            train=False)
+  mask = batch["mask"]
+  correct = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)
+  sums = {"loss": jnp.sum(cross_entropy(logits, batch["label"]) * mask),
+          "correct": jnp.sum(correct * mask), "count": jnp.sum(mask)}
+  return lax.psum(sums, spec.axes)
+
+
+@dataclasses.dataclass(frozen=True)
+class Runner:
+  """The steps compiled for one parallelism, and how state and batches reach the devices."""
+  init_state: Callable[[jax.Array], TrainState]  # rng -> state on the devices
+  put_batch: Callable[[dict], Any]  # this process's numpy batch -> device input
+  train_step: Callable  # (state, batch, learning_rate) -> (state, metrics)
+  eval_step: Callable  # (state, batch) -> metric sums
+  global_state: Callable[[Any], TrainState]  # device state -> state as replicated jax.Arrays
+
+
+def shard_map_runner(spec: StepSpec, mesh: Mesh, create_state: Callable) -> Runner:
+  """`jax.jit` of `jax.shard_map`: the state replicated, the batch split over the data axes."""
+  batch_spec, replicated = P(spec.axes), mesh_lib.replicated(mesh)
+  train = jax.shard_map(functools.partial(train_step, spec), mesh=mesh,
+                        in_specs=(P(), batch_spec, P()), out_specs=(P(), P()), check_vma=False)
+  evaluate = jax.shard_map(functools.partial(eval_step, spec), mesh=mesh,
+                           in_specs=(P(), batch_spec), out_specs=P(), check_vma=False)
+  sharding = mesh_lib.batch_sharding(mesh)
+
+  def put_batch(local: dict) -> dict:
+    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
+
+  return Runner(
+      init_state=jax.jit(create_state, out_shardings=replicated),
+      put_batch=put_batch,
+      train_step=jax.jit(train, donate_argnums=0),
+      eval_step=jax.jit(evaluate),
+      global_state=lambda state: state)
+
+
+def pmap_runner(spec: StepSpec, mesh: Mesh, create_state: Callable) -> Runner:
+  """Legacy `jax.pmap` over this process's devices, with a replicated copy of the state each."""
+  if spec.axes != ("data",):
+    raise ValueError("config key 'mesh': parallelism='pmap' supports only mesh='data'")
+  devices = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
+  train = jax.pmap(functools.partial(train_step, spec), axis_name="data", in_axes=(0, 0, None),
+                   donate_argnums=0, devices=devices)
+  evaluate = jax.pmap(functools.partial(eval_step, spec), axis_name="data", devices=devices)
+
+  stacked = jax.sharding.NamedSharding(Mesh(np.array(devices), ("data",)), P("data"))
+
+  def init_state(rng):
+    state = jax.jit(create_state)(rng)
+    copies = jax.tree.map(lambda x: jnp.broadcast_to(x, (len(devices), *x.shape)), state)
+    return jax.device_put(copies, stacked)
+
+  def put_batch(local: dict) -> dict:
+    return {k: v.reshape(len(devices), -1, *v.shape[1:]) for k, v in local.items()}
+
+  def unreplicate(tree):
+    return jax.tree.map(lambda x: x[0], tree)
+
+  return Runner(
+      init_state=init_state,
+      put_batch=put_batch,
+      train_step=lambda state, batch, lr: (lambda s, m: (s, unreplicate(m)))(
+          *train(state, batch, np.float32(lr))),
+      eval_step=lambda state, batch: unreplicate(evaluate(state, batch)),
+      global_state=unreplicate)
+
+
+RUNNERS = {"shard_map": shard_map_runner, "pmap": pmap_runner}

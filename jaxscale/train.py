@@ -1,0 +1,180 @@
+"""The trainer: `python -m jaxscale.train --config=configs/X.py --workdir=DIR [--config.key=value]`.
+
+Read top to bottom, one run is: config -> mesh -> input -> model and optimizer -> update
+(the compiled step) -> training loop -> eval -> summary.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+import jax
+import numpy as np
+
+from jaxscale import config as config_lib
+from jaxscale import data, models, optim, step as step_lib
+from jaxscale.config import ConfigError
+from jaxscale.mesh import create_mesh, data_axes
+from jaxscale.metrics import MetricsWriter, Progress, log
+
+
+def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+  """`--config` and `--workdir`, plus any number of `--config.key=value` overrides."""
+  parser = argparse.ArgumentParser(
+      prog="jaxscale-train", description="Train a Flax model data-parallel over all devices.")
+  parser.add_argument("--config", required=True, help="a Python file with get_config()")
+  parser.add_argument("--workdir", required=True, help="where metrics and checkpoints go")
+  args, rest = parser.parse_known_args(argv)
+  overrides, i = [], 0
+  while i < len(rest):
+    arg = rest[i]
+    if not arg.startswith("--config."):
+      parser.error(f"unrecognized argument {arg!r}; overrides look like --config.key=value")
+    if "=" not in arg:  # --config.key value
+      if i + 1 == len(rest):
+        parser.error(f"{arg} needs a value")
+      arg, i = f"{arg}={rest[i + 1]}", i + 1
+    overrides.append(arg[len("--config."):])
+    i += 1
+  return args, overrides
+
+
+def prepare_workdir(workdir: str, config_json: str) -> None:
+  """Creates the workdir and its config.json; refuses one that holds a different config."""
+  path = os.path.join(workdir, "config.json")
+  if os.path.exists(path):
+    with open(path) as f:
+      old = json.load(f)
+    new = json.loads(config_json)
+    if old != new:
+      changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+      raise ConfigError(f"workdir {workdir!r} holds a run of a different config (keys differ: "
+                        f"{', '.join(changed)}); use another --workdir")
+    return
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    with open(path, "w") as f:
+      f.write(config_json + "\n")
+
+
+def learning_rate_for(config, global_batch_size: int) -> float:
+  """The base learning rate scaled to the global batch by `config.lr_scaling`."""
+  return optim.scale_learning_rate(config.learning_rate, global_batch_size,
+                                   config.reference_batch_size, config.lr_scaling)
+
+
+def run(config, workdir: str) -> dict:
+  """Trains and evaluates as `config` says; returns the final eval metrics."""
+  start_time = time.time()
+
+  # Mesh: every global device, 1-D or (hosts x local).
+  mesh = create_mesh(config.mesh)
+  axes = data_axes(mesh)
+  num_devices = mesh.size
+  config_lib.validate(config, num_devices)
+  if config.parallelism == "pmap" and axes != ("data",):
+    raise ConfigError("config key 'mesh': parallelism='pmap' supports only mesh='data'")
+
+  # Input: this process's shard of every global batch.
+  dataset = data.load_dataset(config)
+  prepare_workdir(workdir, config_lib.to_json(config))
+  is_main = jax.process_index() == 0
+  loader = data.TrainLoader(dataset.train, seed=config.seed, random_flip=config.random_flip)
+  batch_size = config.global_batch_size
+  steps_per_epoch = loader.num_examples / batch_size
+  total_steps = (config.num_train_steps if config.num_train_steps > 0
+                 else math.ceil(config.num_epochs * steps_per_epoch))
+
+  # Model and optimizer.
+  stem = config.stem
+  if stem == "auto":
+    stem = "small" if max(dataset.image_shape[:2]) <= 64 else "imagenet"
+  group = config.bn_group_size
+  groups = None
+  if group and group < num_devices:
+    groups = [list(range(i, i + group)) for i in range(0, num_devices, group)]
+  model = models.create_model(
+      config.model, num_classes=dataset.num_classes, stem=stem, bn_momentum=config.bn_momentum,
+      bn_axis_name=axes if len(axes) > 1 else axes[0], bn_axis_index_groups=groups,
+      zero_init_last_bn=config.zero_init_last_bn)
+  schedule = optim.build_schedule(
+      config.lr_schedule, base_learning_rate=learning_rate_for(config, batch_size),
+      steps_per_epoch=steps_per_epoch, total_steps=total_steps)
+
+  def make_optimizer(learning_rate):
+    return optim.build_optimizer(config.optimizer, learning_rate)
+
+  # Update: the per-device step under shard_map or pmap.
+  spec = step_lib.StepSpec(model=model, make_optimizer=make_optimizer, axes=axes,
+                           mean=dataset.mean, std=dataset.std,
+                           label_smoothing=config.label_smoothing,
+                           sync_batch_stats=groups is not None)
+  runner = step_lib.RUNNERS[config.parallelism](
+      spec, mesh,
+      lambda rng: step_lib.create_train_state(model, make_optimizer, rng, dataset.image_shape))
+  state = runner.init_state(jax.random.key(config.seed))
+  log(f"{config.model} on {dataset.name}: {num_devices} devices ({jax.process_count()} "
+      f"processes), mesh {dict(mesh.shape)}, {config.parallelism}, global batch {batch_size}, "
+      f"{total_steps} steps ({total_steps / steps_per_epoch:.2f} epochs)")
+
+  # Training loop.
+  writer = MetricsWriter(workdir, enabled=is_main)
+  progress = Progress(total_steps, config.progress_bar, enabled=is_main)
+  interval_start, interval_examples = time.time(), 0
+  for step in range(total_steps):
+    learning_rate = float(schedule(step))
+    batch = runner.put_batch(loader.next_batch(batch_size))
+    state, metrics = runner.train_step(state, batch, learning_rate)
+    interval_examples += batch_size
+    if (step + 1) % config.log_every_steps == 0 or step + 1 == total_steps:
+      metrics = jax.device_get(metrics)  # waits for the step: the interval's time is real
+      now = time.time()
+      event = {"step": step + 1, "epoch": loader.epoch, "split": "train",
+               "loss": float(metrics["loss"]), "accuracy": float(metrics["accuracy"]),
+               "global_batch_size": batch_size, "learning_rate": learning_rate,
+               "examples_per_sec": interval_examples / (now - interval_start),
+               "wall_time": now - start_time}
+      writer.write(event)
+      progress.update(step + 1, event)
+      interval_start, interval_examples = now, 0
+  progress.close()
+
+  # Eval: every example of the eval split exactly once.
+  eval_start = time.time()
+  sums = None
+  for batch in data.eval_batches(dataset.eval, config.eval_batch_size):
+    out = jax.device_get(runner.eval_step(state, runner.put_batch(batch)))
+    sums = out if sums is None else {k: sums[k] + out[k] for k in sums}
+  count = int(sums["count"])
+  now = time.time()
+  result = {"step": total_steps, "epoch": loader.epoch, "split": "eval",
+            "loss": float(sums["loss"]) / count, "accuracy": float(sums["correct"]) / count,
+            "num_examples": count, "global_batch_size": config.eval_batch_size,
+            "learning_rate": float(schedule(max(total_steps - 1, 0))),
+            "examples_per_sec": count / (now - eval_start), "wall_time": now - start_time}
+  writer.write(result)
+  writer.close()
+  train_images = total_steps * batch_size
+  if is_main:
+    log(f"done: eval accuracy {result['accuracy']:.4f} (loss {result['loss']:.4f}, {count} "
+        f"examples), wall time {now - start_time:.0f} s, "
+        f"{train_images / (now - start_time):.0f} train images/s overall")
+  return {"state": runner.global_state(state), **result}
+
+
+def main(argv: list[str] | None = None) -> None:
+  args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+  try:
+    config = config_lib.load(args.config, overrides)
+    run(config, args.workdir)
+  except (ConfigError, FileNotFoundError) as e:
+    print(f"jaxscale-train: error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == "__main__":
+  main()
