@@ -27,7 +27,7 @@ STEMS = ("imagenet", "small")
 
 def create_model(name: str, *, num_classes: int, stem: str = "imagenet",
                  dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
-                 bn_momentum: float = 0.9, bn_axis_name: str | None = None,
+                 bn_momentum: float = 0.9, bn_axis_name: str | tuple[str, ...] | None = None,
                  bn_axis_index_groups: Any = None,
                  zero_init_last_bn: bool = False) -> nn.Module:
   """Builds model `name` from `MODELS`.

@@ -95,7 +95,7 @@ class ResNet(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   bn_momentum: float = 0.9
-  bn_axis_name: str | None = None
+  bn_axis_name: str | tuple[str, ...] | None = None
   bn_axis_index_groups: Any = None
   zero_init_last_bn: bool = False
 
