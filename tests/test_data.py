@@ -33,11 +33,15 @@ def test_fashion_mnist_from_debian_idx_files(fmnist):
   assert "tensorflow" not in sys.modules
 
 
-def test_missing_data_names_the_options(tmp_path):
+def test_missing_data_names_the_options(tmp_path, monkeypatch):
+  def offline(*args, **kwargs):  # the real download retries for minutes without a network
+    raise ConnectionError("no network")
+  monkeypatch.setattr(sources.tfds.core.DatasetBuilder, "download_and_prepare", offline)
   config = config_lib.defaults()
   config.data_dir = str(tmp_path / "empty")
   config.fashion_mnist_idx_dir = str(tmp_path / "no-idx")
-  with pytest.raises(FileNotFoundError, match="fashion_mnist_idx_dir.*dataset-fashion-mnist"):
+  with pytest.raises(FileNotFoundError,
+                     match="fashion_mnist_idx_dir.*dataset-fashion-mnist.*download failed"):
     sources._fashion_mnist_builder(config.data_dir, config.fashion_mnist_idx_dir)
 
 
@@ -59,9 +63,10 @@ def test_each_example_once_per_epoch_across_processes_and_batch_sizes(fmnist):
 
 
 def test_stream_is_deterministic_and_resumable(fmnist):
-  a = data.TrainLoader(fmnist.train, seed=7, random_flip=True, process_index=0, process_count=1)
+  flips = data.TrainTransform(random_flip=True)
+  a = data.TrainLoader(fmnist.train, seed=7, transform=flips, process_index=0, process_count=1)
   batches = [a.next_batch(32) for _ in range(3)]
-  b = data.TrainLoader(fmnist.train, seed=7, random_flip=True, process_index=0, process_count=1)
+  b = data.TrainLoader(fmnist.train, seed=7, transform=flips, process_index=0, process_count=1)
   b.set_state({"position": 64})
   np.testing.assert_array_equal(b.next_batch(32)["image"], batches[2]["image"])
   c = data.TrainLoader(fmnist.train, seed=8, process_index=0, process_count=1)

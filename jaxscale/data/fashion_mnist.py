@@ -12,7 +12,7 @@ import os
 import numpy as np
 import tensorflow_datasets as tfds
 
-BUILDER_NAME = "fashion_mnist_idx"
+DEFAULT_IDX_DIR = "/usr/share/datasets/fashion-mnist"  # Debian's dataset-fashion-mnist
 _FILES = {
     "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
     "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
@@ -53,7 +53,8 @@ class FashionMnistIdx(tfds.core.GeneratorBasedBuilder):
 
   VERSION = tfds.core.Version("1.0.0")
 
-  def __init__(self, *, idx_dir: str, **kwargs):
+  def __init__(self, *, idx_dir: str = DEFAULT_IDX_DIR, **kwargs):
+    # The default lets a pickled data source (sent to grain's workers) rebuild the builder.
     self._idx_dir = idx_dir
     super().__init__(**kwargs)
 

@@ -5,41 +5,118 @@ Training reads an endless stream of epochs. Epoch e is a permutation of the sour
 is the whole iterator state. A global batch of B examples takes the next B stream positions, so
 every example is used exactly once per epoch whatever the batch sizes are, and a batch may span
 an epoch boundary. Process p of P reads only its contiguous slice of B/P positions.
+
+The unit of work handed to grain is one step's local batch, a pure function of (position, size):
+grain prefetches the next batches in a background thread, or in worker processes
+(`workers > 0`), while the current step runs.
 """
 from __future__ import annotations
 
-from typing import Iterator, Sequence
+import dataclasses
+from typing import Callable, Iterator, Sequence
 
 import grain
 import jax
 import numpy as np
+from tensorflow_datasets.core.data_sources.array_record import ArrayRecordDataSource
+
+from jaxscale.data.transforms import EvalTransform, TrainTransform
+
+_ENDLESS = 2**40  # grain sources need a length; the training stream has none
 
 
-def random_flip(images: np.ndarray, positions: np.ndarray, seed: int) -> np.ndarray:
-  """Flips each image horizontally with probability 1/2, drawn from (seed, stream position)."""
-  flip = np.array([np.random.default_rng((seed, int(p))).random() < 0.5 for p in positions])
-  return np.where(flip[:, None, None, None], images[:, :, ::-1], images)
-
-
-def read(source: Sequence[dict], indices: list[int]) -> dict[str, np.ndarray]:
+def read(source: Sequence[dict], indices: list[int]) -> list[dict]:
   """Reads records as one batch; array_record sources read a whole batch in parallel."""
-  getitems = getattr(source, "__getitems__", None)
-  records = getitems(indices) if getitems else [source[i] for i in indices]
-  return {"image": np.stack([r["image"] for r in records]),
+  if isinstance(source, ArrayRecordDataSource) and not _is_mock(source):
+    return list(source.__getitems__(indices))
+  return [source[i] for i in indices]
+
+
+def _is_mock(source) -> bool:
+  # tfds.testing.mock_data's sources have no working __getitems__.
+  return type(source.data_source).__module__.startswith("unittest")
+
+
+def _collate(images: list[np.ndarray], records: list[dict]) -> dict[str, np.ndarray]:
+  return {"image": np.stack(images),
           "label": np.asarray([r["label"] for r in records], np.int32)}
+
+
+@dataclasses.dataclass(frozen=True)
+class _StepBatches:
+  """Element k: this process's batch of the k-th step of `global_batch_size` after `start`."""
+  source: Sequence[dict]
+  order: grain.MapDataset  # stream position -> source index
+  transform: Callable
+  seed: int
+  start: int
+  global_batch_size: int
+  process_index: int
+  process_count: int
+
+  def __len__(self) -> int:
+    return _ENDLESS
+
+  def __getitem__(self, step: int) -> dict[str, np.ndarray]:
+    local = self.global_batch_size // self.process_count
+    first = self.start + step * self.global_batch_size + self.process_index * local
+    positions = range(first, first + local)
+    records = read(self.source, [self.order[p] for p in positions])
+    images = [self.transform(r["image"], np.random.default_rng((self.seed, p)))
+              for r, p in zip(records, positions)]
+    return _collate(images, records)
+
+
+@dataclasses.dataclass(frozen=True)
+class _EvalBatches:
+  """Element k: this process's slice of eval batch k, padded past the end, with a mask."""
+  source: Sequence[dict]
+  transform: Callable
+  global_batch_size: int
+  process_index: int
+  process_count: int
+
+  def __len__(self) -> int:
+    return num_eval_batches(len(self.source), self.global_batch_size)
+
+  def __getitem__(self, k: int) -> dict[str, np.ndarray]:
+    local = self.global_batch_size // self.process_count
+    positions = k * self.global_batch_size + self.process_index * local + np.arange(local)
+    mask = positions < len(self.source)
+    records = read(self.source, np.where(mask, positions, 0).tolist())
+    batch = _collate([self.transform(r["image"]) for r in records], records)
+    batch["mask"] = mask.astype(np.float32)
+    return batch
+
+
+def _iterate(batches, workers: int, prefetch: int) -> Iterator[dict[str, np.ndarray]]:
+  """Batches in order, prepared ahead by a grain thread or by `workers` processes."""
+  dataset = grain.MapDataset.source(batches).to_iter_dataset(
+      grain.ReadOptions(num_threads=1, prefetch_buffer_size=prefetch))
+  if workers > 0:
+    from absl import flags  # grain's worker processes read absl flags
+    if not flags.FLAGS.is_parsed():
+      flags.FLAGS.mark_as_parsed()
+    dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(
+        num_workers=workers, per_worker_buffer_size=prefetch))
+  return iter(dataset)
 
 
 class TrainLoader:
   """Deterministic, checkpointable global-batch iterator over the training stream."""
 
-  def __init__(self, source: Sequence[dict], *, seed: int, random_flip: bool = False,
-               process_index: int | None = None, process_count: int | None = None):
+  def __init__(self, source: Sequence[dict], *, seed: int,
+               transform: Callable = TrainTransform(random_flip=False), workers: int = 0,
+               prefetch: int = 2, process_index: int | None = None,
+               process_count: int | None = None):
     self.num_examples = len(source)
     self.process_index = jax.process_index() if process_index is None else process_index
     self.process_count = jax.process_count() if process_count is None else process_count
-    self._source, self._seed, self._random_flip = source, seed, random_flip
+    self._source, self._seed, self._transform = source, seed, transform
+    self._workers, self._prefetch = workers, prefetch
     # grain's index shuffle: position p maps to a permutation drawn for epoch p // len(source).
     self._order = grain.MapDataset.range(self.num_examples).shuffle(seed=seed)
+    self._iterator, self._iterator_key = None, None
     self.position = 0  # global stream position: examples consumed by all processes
 
   @property
@@ -49,13 +126,15 @@ class TrainLoader:
 
   def next_batch(self, global_batch_size: int) -> dict[str, np.ndarray]:
     """This process's slice of the next global batch, and advances the stream."""
-    local = global_batch_size // self.process_count
-    start = self.position + self.process_index * local
-    positions = np.arange(start, start + local)
-    batch = read(self._source, [self._order[int(p)] for p in positions])
-    if self._random_flip:
-      batch["image"] = random_flip(batch["image"], positions, self._seed)
+    if self._iterator_key != (self.position, global_batch_size):
+      # First call, a new batch size or a moved position: restart the prefetching iterator.
+      self._iterator = _iterate(
+          _StepBatches(self._source, self._order, self._transform, self._seed, self.position,
+                       global_batch_size, self.process_index, self.process_count),
+          self._workers, self._prefetch)
+    batch = next(self._iterator)
     self.position += global_batch_size
+    self._iterator_key = (self.position, global_batch_size)
     return batch
 
   def get_state(self) -> dict[str, int]:
@@ -66,6 +145,7 @@ class TrainLoader:
 
 
 def eval_batches(source: Sequence[dict], global_batch_size: int, *,
+                 transform: Callable = EvalTransform(), workers: int = 0, prefetch: int = 2,
                  process_index: int | None = None,
                  process_count: int | None = None) -> Iterator[dict[str, np.ndarray]]:
   """Every example of `source` exactly once, in order, in padded global batches.
@@ -73,16 +153,10 @@ def eval_batches(source: Sequence[dict], global_batch_size: int, *,
   Each batch carries a `mask` (1 for a real example, 0 for padding) so that metrics summed with
   the mask count each example once, whatever the process and device counts.
   """
-  process_index = jax.process_index() if process_index is None else process_index
-  process_count = jax.process_count() if process_count is None else process_count
-  local = global_batch_size // process_count
-  n = len(source)
-  for start in range(0, n, global_batch_size):
-    positions = start + process_index * local + np.arange(local)
-    mask = positions < n
-    batch = read(source, np.where(mask, positions, 0).tolist())
-    batch["mask"] = mask.astype(np.float32)
-    yield batch
+  batches = _EvalBatches(source, transform, global_batch_size,
+                         jax.process_index() if process_index is None else process_index,
+                         jax.process_count() if process_count is None else process_count)
+  return _iterate(batches, workers, prefetch)
 
 
 def num_eval_batches(num_examples: int, global_batch_size: int) -> int:

@@ -88,18 +88,27 @@ def load_dataset(config) -> Dataset:
     builder = _fashion_mnist_builder(data_dir, config.fashion_mnist_idx_dir)
   else:
     builder = tfds.builder(config.dataset, data_dir=data_dir)
-    if not builder.is_prepared():
-      raise FileNotFoundError(
-          f"dataset {config.dataset!r} is not prepared in {data_dir} (config key data_dir); "
-          f"prepare it with TFDS in array_record format (see README: Datasets)")
-  sources = builder.as_data_source()
-  eval_split = "test" if "test" in sources else "validation"
   features = builder.info.features
+  eval_split = config.eval_split or (
+      "validation" if "validation" in builder.info.splits else "test")
+  try:
+    # TFDS decodes Image features with PIL inside the reads, which run in grain's workers.
+    train, evaluation = (builder.as_data_source(split=split) for split in ("train", eval_split))
+  except Exception as e:  # noqa: BLE001 - TFDS raises several types for "not there"
+    raise FileNotFoundError(
+        f"dataset {config.dataset!r} (splits train, {eval_split}) is not prepared in array_record "
+        f"format in {data_dir} (config key data_dir): {str(e).splitlines()[0]} "
+        f"(see README: Datasets)") from None
   mean, std = MEAN_STD.get(config.dataset, IMAGENET_MEAN_STD)
   shape = tuple(features["image"].shape)
+  if config.image_size:
+    shape = (config.image_size, config.image_size, shape[-1])
+  elif None in shape:
+    raise ConfigError(f"config key 'image_size': {config.dataset} has images of varying size; "
+                      f"set image_size (e.g. 224)")
   if len(mean) != shape[-1]:
     mean, std = mean[:1] * shape[-1], std[:1] * shape[-1]
-  return Dataset(config.dataset, sources["train"], sources[eval_split],
+  return Dataset(config.dataset, train, evaluation,
                  features["label"].num_classes, shape, mean, std)
 
 
