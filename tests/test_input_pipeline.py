@@ -1,6 +1,9 @@
 """The ImageNet-scale input path: TFDS catalog datasets (mocked), crops, workers, exact eval."""
+import io
+
 import numpy as np
 import pytest
+from PIL import Image
 import tensorflow_datasets as tfds
 
 from jaxscale import config as config_lib, data, train
@@ -69,9 +72,9 @@ def coordinate_image(height, width):
 
 def test_random_resized_crop_draws_area_and_aspect_in_range():
   image = coordinate_image(200, 250)
+  crop = transforms.TrainTransform(image_size=64, random_flip=False)
   for seed in range(50):
-    rng = np.random.default_rng(seed)
-    out = transforms.random_resized_crop(image, rng, 64)
+    out = crop(image, np.random.default_rng(seed))
     assert out.shape == (64, 64, 3)
     # The crop's extent in the source, read back from the coordinates it carries.
     h = int(out[-1, 0, 0]) - int(out[0, 0, 0]) + 1
@@ -81,13 +84,29 @@ def test_random_resized_crop_draws_area_and_aspect_in_range():
 
 
 def test_center_crop_takes_the_middle():
-  image = coordinate_image(375, 500)
-  out = transforms.center_crop(image, 224)
+  out = transforms.EvalTransform(224)(coordinate_image(375, 500))
   assert out.shape == (224, 224, 3)
-  # 375 -> 256 on the short side (224 / 0.875); the kept window is centered in x and y.
-  scale = 375 / 256
-  y0, x0 = out[0, 0, 0] / scale, out[0, 0, 1] / scale
-  assert abs(y0 - 16) < 2 and abs(x0 - (round(500 / scale) - 224) / 2) < 2
+  # The kept window is the central 328x328 (375 * 0.875) of the 375x500 image.
+  assert abs(int(out[0, 0, 0]) - 23) <= 2 and abs(int(out[0, 0, 1]) - 86) <= 2
+  assert abs(int(out[-1, -1, 0]) - 351) % 256 <= 2
+
+
+def jpeg_bytes(array):
+  buffer = io.BytesIO()
+  Image.fromarray(array).save(buffer, format="JPEG", quality=95)
+  return buffer.getvalue()
+
+
+def test_jpeg_decoded_at_reduced_scale_matches_full_decode():
+  """Draft decoding (DCT scaling) must give what decode-then-crop gives, up to resampling."""
+  y, x = np.meshgrid(np.linspace(0, 1, 600), np.linspace(0, 1, 800), indexing="ij")
+  smooth = (np.stack([y, x, (x + y) / 2], -1) * 255).astype(np.uint8)
+  encoded = jpeg_bytes(smooth)
+  for transform in (transforms.TrainTransform(64, random_flip=False), transforms.EvalTransform(64)):
+    fast = transform(encoded, np.random.default_rng(3)).astype(float)
+    full = transform(smooth, np.random.default_rng(3)).astype(float)
+    assert fast.shape == full.shape == (64, 64, 3)
+    assert np.abs(fast - full).mean() < 3.0
 
 
 def test_flip_is_a_fair_coin_per_position():

@@ -18,7 +18,6 @@ from typing import Callable, Iterator, Sequence
 import grain
 import jax
 import numpy as np
-from tensorflow_datasets.core.data_sources.array_record import ArrayRecordDataSource
 
 from jaxscale.data.transforms import EvalTransform, TrainTransform
 
@@ -27,14 +26,8 @@ _ENDLESS = 2**40  # grain sources need a length; the training stream has none
 
 def read(source: Sequence[dict], indices: list[int]) -> list[dict]:
   """Reads records as one batch; array_record sources read a whole batch in parallel."""
-  if isinstance(source, ArrayRecordDataSource) and not _is_mock(source):
-    return list(source.__getitems__(indices))
-  return [source[i] for i in indices]
-
-
-def _is_mock(source) -> bool:
-  # tfds.testing.mock_data's sources have no working __getitems__.
-  return type(source.data_source).__module__.startswith("unittest")
+  getitems = getattr(source, "__getitems__", None)
+  return list(getitems(indices)) if getitems else [source[i] for i in indices]
 
 
 def _collate(images: list[np.ndarray], records: list[dict]) -> dict[str, np.ndarray]:

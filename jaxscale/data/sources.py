@@ -92,8 +92,7 @@ def load_dataset(config) -> Dataset:
   eval_split = config.eval_split or (
       "validation" if "validation" in builder.info.splits else "test")
   try:
-    # TFDS decodes Image features with PIL inside the reads, which run in grain's workers.
-    train, evaluation = (builder.as_data_source(split=split) for split in ("train", eval_split))
+    train, evaluation = (_open_split(builder, split) for split in ("train", eval_split))
   except Exception as e:  # noqa: BLE001 - TFDS raises several types for "not there"
     raise FileNotFoundError(
         f"dataset {config.dataset!r} (splits train, {eval_split}) is not prepared in array_record "
@@ -110,6 +109,19 @@ def load_dataset(config) -> Dataset:
     mean, std = mean[:1] * shape[-1], std[:1] * shape[-1]
   return Dataset(config.dataset, train, evaluation,
                  features["label"].num_classes, shape, mean, std)
+
+
+def _open_split(builder: tfds.core.DatasetBuilder, split: str) -> Sequence[dict]:
+  """A split as a random-access source; Image features stay encoded for our decoder."""
+  source = builder.as_data_source(split=split)
+  if type(getattr(source, "data_source", None)).__module__ == "unittest.mock":
+    # tfds.testing.mock_data: random images, already decoded, and no working batch read.
+    return [source[i] for i in range(len(source))]
+  if isinstance(builder.info.features["image"], tfds.features.Image):
+    # JPEG bytes go to transforms.TrainTransform, which decodes only what the crop needs.
+    source = builder.as_data_source(split=split,
+                                    decoders={"image": tfds.decode.SkipDecoding()})
+  return source
 
 
 def _fashion_mnist_builder(data_dir: str, idx_dir: str) -> tfds.core.DatasetBuilder:

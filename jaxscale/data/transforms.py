@@ -1,45 +1,52 @@
-"""Per-image transforms on the host: Inception crop, flip, eval resize and center crop.
+"""Per-image transforms on the host: decode, Inception crop, flip, eval resize and center crop.
 
 Images leave the host as uint8 (normalization happens on the device). Every random draw comes
 from a generator seeded by (seed, stream position), so a transform is a pure function of the
 record and its position: any worker may compute any example and the result is the same.
+
+JPEGs arrive undecoded. The crop window is drawn from the header's size, then libjpeg decodes at
+the smallest DCT scale (1/2, 1/4, 1/8) that still covers the window at the output size, and one
+resize with a source box crops and scales at once: the work tf.data's fused
+`decode_and_crop_jpeg` saves, done with PIL.
 """
 from __future__ import annotations
 
 import dataclasses
+import io
 import math
 
 import numpy as np
 from PIL import Image
 
 EVAL_CROP_FRACTION = 0.875  # resize to size / 0.875, then center-crop `size` (224 <- 256)
+Box = tuple[float, float, float, float]  # (left, top, right, bottom) in source pixels
 
 
-def as_hwc(image) -> np.ndarray:
-  """A decoded image (TFDS decodes JPEG/PNG with PIL inside its reads) as uint8 HWC."""
+def open_image(image) -> Image.Image:
+  """Encoded bytes (opened lazily, so draft decoding stays possible) or a decoded array."""
+  if isinstance(image, (bytes, np.bytes_)):
+    return Image.open(io.BytesIO(image))
   image = np.asarray(image)
-  return image if image.ndim == 3 else image[..., None]
+  return Image.fromarray(image[..., 0] if image.ndim == 3 and image.shape[2] == 1 else image)
 
 
-def _resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
-  if image.shape[:2] == (height, width):
-    return image
-  channels = image.shape[2]
-  pil = Image.fromarray(image[..., 0] if channels == 1 else image)
-  out = np.asarray(pil.resize((width, height), Image.BILINEAR))
-  return out[..., None] if channels == 1 else out
+def to_array(pil: Image.Image, channels: int) -> np.ndarray:
+  """uint8 HWC with `channels` channels (0: as decoded, grey or RGB)."""
+  if channels or pil.mode not in ("L", "RGB"):
+    pil = pil.convert("L" if channels == 1 else "RGB")
+  array = np.asarray(pil)
+  return array[..., None] if array.ndim == 2 else array
 
 
-def random_resized_crop(image: np.ndarray, rng: np.random.Generator, size: int,
-                        area_range: tuple[float, float] = (0.08, 1.0),
-                        aspect_range: tuple[float, float] = (3 / 4, 4 / 3),
-                        attempts: int = 10) -> np.ndarray:
-  """Inception-style crop (Szegedy et al. 2015): a random area and aspect ratio, resized to size.
+def sample_crop_box(height: int, width: int, rng: np.random.Generator,
+                    area_range: tuple[float, float] = (0.08, 1.0),
+                    aspect_range: tuple[float, float] = (3 / 4, 4 / 3),
+                    attempts: int = 10) -> Box:
+  """Inception-style crop window (Szegedy et al. 2015): random area and aspect ratio.
 
-  Draws a crop covering 8%-100% of the image with aspect ratio in [3/4, 4/3] (log-uniform);
-  after `attempts` failures it falls back to the center crop of the whole image.
+  Covers 8%-100% of the image with aspect ratio in [3/4, 4/3] (log-uniform); after `attempts`
+  misses it falls back to the largest centered square.
   """
-  height, width = image.shape[:2]
   area = height * width
   for _ in range(attempts):
     target = area * rng.uniform(*area_range)
@@ -49,41 +56,59 @@ def random_resized_crop(image: np.ndarray, rng: np.random.Generator, size: int,
     if 0 < w <= width and 0 < h <= height:
       top = int(rng.integers(0, height - h + 1))
       left = int(rng.integers(0, width - w + 1))
-      return _resize(image[top:top + h, left:left + w], size, size)
-  return center_crop(image, size, crop_fraction=1.0)
+      return (left, top, left + w, top + h)
+  side = min(height, width)
+  top, left = (height - side) // 2, (width - side) // 2
+  return (left, top, left + side, top + side)
 
 
-def center_crop(image: np.ndarray, size: int,
-                crop_fraction: float = EVAL_CROP_FRACTION) -> np.ndarray:
-  """Resizes the shorter side to size / crop_fraction, then takes the central size x size."""
-  height, width = image.shape[:2]
-  scale = size / crop_fraction / min(height, width)
-  h, w = max(size, round(height * scale)), max(size, round(width * scale))
-  image = _resize(image, h, w)
-  top, left = (h - size) // 2, (w - size) // 2
-  return image[top:top + size, left:left + size]
+def center_box(height: int, width: int, size: int,
+               crop_fraction: float = EVAL_CROP_FRACTION) -> Box:
+  """The window that resizing the short side to size / crop_fraction and center-cropping keeps."""
+  side = min(height, width) * crop_fraction
+  top, left = (height - side) / 2, (width - side) / 2
+  return (left, top, left + side, top + side)
+
+
+def crop_and_resize(pil: Image.Image, box: Box, size: int) -> Image.Image:
+  """Resizes the `box` window of `pil` to size x size, decoding a JPEG at a reduced scale."""
+  width = pil.size[0]
+  if pil.format == "JPEG":
+    # Ask for a decoded size at which the window still has >= `size` pixels per side.
+    reduce = min((box[2] - box[0]) / size, (box[3] - box[1]) / size)
+    if reduce >= 2:
+      pil.draft("RGB", (math.ceil(pil.size[0] / reduce), math.ceil(pil.size[1] / reduce)))
+  scale = pil.size[0] / width  # 1, or the DCT scale draft() chose
+  return pil.resize((size, size), Image.BILINEAR, box=tuple(x * scale for x in box))
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainTransform:
-  """Training: (when image_size > 0) Inception crop, then optional flip."""
+  """Training: decode, then (when image_size > 0) Inception crop, then optional flip."""
   image_size: int = 0
   random_flip: bool = True
+  channels: int = 0
 
   def __call__(self, image, rng: np.random.Generator) -> np.ndarray:
-    image = as_hwc(image)
+    pil = open_image(image)
     if self.image_size:
-      image = random_resized_crop(image, rng, self.image_size)
+      box = sample_crop_box(pil.size[1], pil.size[0], rng)
+      pil = crop_and_resize(pil, box, self.image_size)
+    array = to_array(pil, self.channels)
     if self.random_flip and rng.random() < 0.5:
-      image = image[:, ::-1]
-    return image
+      array = array[:, ::-1]
+    return array
 
 
 @dataclasses.dataclass(frozen=True)
 class EvalTransform:
-  """Eval: (when image_size > 0) resize and center crop."""
+  """Eval: decode, then (when image_size > 0) resize and center crop."""
   image_size: int = 0
+  channels: int = 0
 
   def __call__(self, image, rng: np.random.Generator | None = None) -> np.ndarray:
-    image = as_hwc(image)
-    return center_crop(image, self.image_size) if self.image_size else image
+    pil = open_image(image)
+    if self.image_size:
+      pil = crop_and_resize(pil, center_box(pil.size[1], pil.size[0], self.image_size),
+                            self.image_size)
+    return to_array(pil, self.channels)
