@@ -1,0 +1,142 @@
+"""How large each step's global batch is: constant, stages, a linear ramp, or adaptive growth.
+
+Training progress is counted in examples (the data stream's position), not steps, so that
+epochs, the learning-rate schedule and the batch schedule agree whatever the batch sizes are.
+
+- `None`: every step uses `global_batch_size`.
+- `[(start_epoch, global_batch_size), ...]`: stages, e.g. Sony's 34K -> 68K as
+  `[(0, 34816), (30, 69632)]` (Mikami et al., arXiv 1811.05233). With `batch_ramp=True` the size
+  grows linearly from one point to the next instead of jumping.
+- `"adaptive"`: start at `global_batch_size` and double whenever the measured gradient noise
+  scale B_simple exceeds the current batch (McCandlish et al., arXiv 1812.06162), up to
+  `max_global_batch_size`.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+from jaxscale.config import ConfigError
+
+
+@dataclasses.dataclass
+class BatchSchedule:
+  """The global batch size in force at each point of training (examples consumed)."""
+  num_examples: int  # examples per epoch
+  multiple: int  # every size is a multiple of this (data-parallel devices x accumulation)
+  stages: tuple[tuple[float, int], ...] = ()  # (start_epoch, size); empty: constant
+  ramp: bool = False
+  adaptive: bool = False
+  initial: int = 0
+  maximum: int = 0
+  current: int = 0  # adaptive only: the size reached so far
+
+  def size_at(self, position: int) -> int:
+    """The global batch size for the step that starts at stream `position`."""
+    if self.adaptive or not self.stages:
+      return self.current or self.initial
+    epoch = position / self.num_examples
+    index = max(i for i, (start, _) in enumerate(self.stages) if start <= epoch)
+    start, size = self.stages[index]
+    if self.ramp and index + 1 < len(self.stages):
+      next_start, next_size = self.stages[index + 1]
+      size = size + (next_size - size) * (epoch - start) / (next_start - start)
+      size = max(self.multiple, int(size) // self.multiple * self.multiple)
+    return size
+
+  def observe_noise_scale(self, noise_scale: float) -> bool:
+    """Adaptive growth: doubles the batch when B_simple exceeds it. True if it changed."""
+    current = self.current or self.initial
+    if not self.adaptive or not noise_scale > current or current * 2 > self.maximum:
+      return False
+    self.current = current * 2
+    return True
+
+  def distinct_sizes(self) -> list[int]:
+    """Sizes known in advance (for compiling ahead); the adaptive ones are discovered."""
+    if self.adaptive:
+      sizes, size = [], self.initial
+      while size <= self.maximum:
+        sizes.append(size)
+        size *= 2
+      return sizes
+    return sorted({size for _, size in self.stages} or {self.initial})
+
+  def state(self) -> dict[str, int]:
+    return {"current_global_batch_size": self.current}
+
+  def restore(self, state: dict[str, Any]) -> None:
+    self.current = int(state.get("current_global_batch_size", 0))
+
+
+def create(config, num_examples: int, multiple: int) -> BatchSchedule:
+  """The schedule of `config.batch_schedule`, checked: one ConfigError naming the key."""
+  spec, initial = config.batch_schedule, config.global_batch_size
+  key = "config key 'batch_schedule'"
+  if spec is None:
+    return BatchSchedule(num_examples, multiple, initial=initial)
+  if spec == "adaptive":
+    maximum = config.max_global_batch_size
+    if maximum < initial or maximum % multiple:
+      raise ConfigError(f"config key 'max_global_batch_size': {maximum} must be >= "
+                        f"global_batch_size ({initial}) and divisible by {multiple}")
+    return BatchSchedule(num_examples, multiple, adaptive=True, initial=initial, maximum=maximum)
+  if isinstance(spec, str) or not isinstance(spec, Sequence) or not spec:
+    raise ConfigError(f"{key}: expected None, 'adaptive' or a list of (start_epoch, "
+                      f"global_batch_size), got {spec!r}")
+  stages = []
+  for stage in spec:
+    if not (isinstance(stage, Sequence) and len(stage) == 2):
+      raise ConfigError(f"{key}: stage {stage!r} is not (start_epoch, global_batch_size)")
+    start, size = float(stage[0]), stage[1]
+    if not isinstance(size, int) or size <= 0 or size % multiple:
+      raise ConfigError(f"{key}: batch size {size!r} of stage {tuple(stage)} is not a positive "
+                        f"multiple of {multiple} (data-parallel devices x grad_accum_steps)")
+    stages.append((start, size))
+  if stages[0][0] != 0:
+    raise ConfigError(f"{key}: the first stage must start at epoch 0, got {stages[0][0]}")
+  starts = [start for start, _ in stages]
+  if any(b <= a for a, b in zip(starts, starts[1:])):
+    raise ConfigError(f"{key}: stage start epochs must increase, got {starts}")
+  return BatchSchedule(num_examples, multiple, stages=tuple(stages), ramp=config.batch_ramp,
+                       initial=stages[0][1])
+
+
+def noise_scale_terms(small_sq_norm: float, big_sq_norm: float, small_batch: int,
+                      big_batch: int) -> tuple[float, float]:
+  """Unbiased estimates of |G|^2 and tr(Sigma) from gradient norms at two batch sizes.
+
+  McCandlish et al. (arXiv 1812.06162, appendix A.1): with |G_b|^2 the squared norm of a
+  gradient over b examples (here: each device's local gradient, averaged over devices) and
+  |G_B|^2 that of the all-reduced gradient over B examples,
+    |G|^2    ~ (B |G_B|^2 - b |G_b|^2) / (B - b)
+    tr(Sigma) ~ (|G_b|^2 - |G_B|^2) / (1/b - 1/B)
+  and B_simple = tr(Sigma) / |G|^2. Each estimate is noisy: average them separately over
+  steps (`NoiseScale`) before taking the ratio.
+  """
+  if big_batch <= small_batch:
+    raise ValueError(f"needs two batch sizes, got b={small_batch}, B={big_batch}")
+  g2 = (big_batch * big_sq_norm - small_batch * small_sq_norm) / (big_batch - small_batch)
+  trace = (small_sq_norm - big_sq_norm) / (1 / small_batch - 1 / big_batch)
+  return g2, trace
+
+
+@dataclasses.dataclass
+class NoiseScale:
+  """Exponential moving averages of |G|^2 and tr(Sigma); B_simple is their ratio.
+
+  Both averages start at 0 with the same decay, so their ratio needs no bias correction.
+  """
+  decay: float = 0.95
+  g2: float = 0.0
+  trace: float = 0.0
+
+  def update(self, g2: float, trace: float) -> float:
+    self.g2 = self.decay * self.g2 + (1 - self.decay) * g2
+    self.trace = self.decay * self.trace + (1 - self.decay) * trace
+    return self.value
+
+  @property
+  def value(self) -> float:
+    """B_simple, or inf while |G|^2 is not yet positive."""
+    return self.trace / self.g2 if self.g2 > 0 else float("inf")
