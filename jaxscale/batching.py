@@ -3,10 +3,10 @@
 Training progress is counted in examples (the data stream's position), not steps, so that
 epochs, the learning-rate schedule and the batch schedule agree whatever the batch sizes are.
 
-- `None`: every step uses `global_batch_size`.
-- `[(start_epoch, global_batch_size), ...]`: stages, e.g. Sony's 34K -> 68K as
-  `[(0, 34816), (30, 69632)]` (Mikami et al., arXiv 1811.05233). With `batch_ramp=True` the size
-  grows linearly from one point to the next instead of jumping.
+- `""`: every step uses `global_batch_size`.
+- `"start_epoch:global_batch_size,..."`: stages, e.g. Sony's 34K -> 68K as "0:34816,30:69632"
+  (Mikami et al., arXiv 1811.05233). With `batch_ramp=True` the size grows linearly from one
+  point to the next instead of jumping.
 - `"adaptive"`: start at `global_batch_size` and double whenever the measured gradient noise
   scale B_simple exceeds the current batch (McCandlish et al., arXiv 1812.06162), up to
   `max_global_batch_size`.
@@ -14,7 +14,7 @@ epochs, the learning-rate schedule and the batch schedule agree whatever the bat
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from typing import Any
 
 from jaxscale.config import ConfigError
 
@@ -73,7 +73,7 @@ def create(config, num_examples: int, multiple: int) -> BatchSchedule:
   """The schedule of `config.batch_schedule`, checked: one ConfigError naming the key."""
   spec, initial = config.batch_schedule, config.global_batch_size
   key = "config key 'batch_schedule'"
-  if spec is None:
+  if not spec:
     return BatchSchedule(num_examples, multiple, initial=initial)
   if spec == "adaptive":
     maximum = config.max_global_batch_size
@@ -81,16 +81,16 @@ def create(config, num_examples: int, multiple: int) -> BatchSchedule:
       raise ConfigError(f"config key 'max_global_batch_size': {maximum} must be >= "
                         f"global_batch_size ({initial}) and divisible by {multiple}")
     return BatchSchedule(num_examples, multiple, adaptive=True, initial=initial, maximum=maximum)
-  if isinstance(spec, str) or not isinstance(spec, Sequence) or not spec:
-    raise ConfigError(f"{key}: expected None, 'adaptive' or a list of (start_epoch, "
-                      f"global_batch_size), got {spec!r}")
   stages = []
-  for stage in spec:
-    if not (isinstance(stage, Sequence) and len(stage) == 2):
-      raise ConfigError(f"{key}: stage {stage!r} is not (start_epoch, global_batch_size)")
-    start, size = float(stage[0]), stage[1]
-    if not isinstance(size, int) or size <= 0 or size % multiple:
-      raise ConfigError(f"{key}: batch size {size!r} of stage {tuple(stage)} is not a positive "
+  for stage in spec.split(","):
+    try:
+      start, size = stage.split(":")
+      start, size = float(start), int(size)
+    except ValueError:
+      raise ConfigError(f"{key}: stage {stage!r} is not start_epoch:global_batch_size; expected "
+                        f"'', 'adaptive' or e.g. '0:34816,30:69632'") from None
+    if size <= 0 or size % multiple:
+      raise ConfigError(f"{key}: batch size {size} of stage {stage!r} is not a positive "
                         f"multiple of {multiple} (data-parallel devices x grad_accum_steps)")
     stages.append((start, size))
   if stages[0][0] != 0:

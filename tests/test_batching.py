@@ -13,18 +13,18 @@ def schedule_config(spec, *, initial=128, ramp=False, maximum=0):
 
 
 def test_constant_without_schedule():
-  s = batching.create(schedule_config(None), num_examples=1000, multiple=8)
+  s = batching.create(schedule_config(""), num_examples=1000, multiple=8)
   assert [s.size_at(p) for p in (0, 999, 10**6)] == [128, 128, 128]
 
 
 def test_stages_change_at_their_epochs():
-  s = batching.create(schedule_config([(0, 64), (2, 128), (3.5, 256)]), 1000, multiple=8)
+  s = batching.create(schedule_config("0:64,2:128,3.5:256"), 1000, multiple=8)
   assert [s.size_at(p) for p in (0, 1999, 2000, 3499, 3500, 9999)] == [64, 64, 128, 128, 256, 256]
   assert s.distinct_sizes() == [64, 128, 256]
 
 
 def test_linear_ramp_between_points_rounded_to_the_multiple():
-  s = batching.create(schedule_config([(0, 64), (4, 320)], ramp=True), 1000, multiple=8)
+  s = batching.create(schedule_config("0:64,4:320", ramp=True), 1000, multiple=8)
   assert s.size_at(0) == 64
   assert s.size_at(1000) == 128  # a quarter of the way: 64 + 256 / 4
   assert s.size_at(1500) == 160  # 64 + 256 * 0.375 = 160
@@ -46,14 +46,13 @@ def test_adaptive_doubles_when_noise_scale_exceeds_the_batch_up_to_the_maximum()
 
 
 @pytest.mark.parametrize("spec, message", [
-    ([(0, 64), (0, 128)], "stage start epochs must increase, got [0.0, 0.0]"),
-    ([(0, 64), (3, 128), (2, 256)], "stage start epochs must increase"),
-    ([(1, 64)], "the first stage must start at epoch 0"),
-    ([(0, 60)], "batch size 60 of stage (0, 60) is not a positive multiple of 8"),
-    ([(0, 64), (1, -8)], "is not a positive multiple of 8"),
-    ([(0, 64, 2)], "stage (0, 64, 2) is not (start_epoch, global_batch_size)"),
-    ("fast", "expected None, 'adaptive' or a list"),
-    ([], "expected None, 'adaptive' or a list"),
+    ("0:64,0:128", "stage start epochs must increase, got [0.0, 0.0]"),
+    ("0:64,3:128,2:256", "stage start epochs must increase"),
+    ("1:64", "the first stage must start at epoch 0"),
+    ("0:60", "batch size 60 of stage '0:60' is not a positive multiple of 8"),
+    ("0:64,1:-8", "is not a positive multiple of 8"),
+    ("0:64:2", "stage '0:64:2' is not start_epoch:global_batch_size"),
+    ("fast", "stage 'fast' is not start_epoch:global_batch_size; expected '', 'adaptive'"),
 ])
 def test_bad_schedules_are_refused_naming_the_key(spec, message):
   with pytest.raises(ConfigError, match="config key 'batch_schedule'") as info:
