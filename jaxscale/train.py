@@ -17,6 +17,7 @@ import numpy as np
 
 from jaxscale import config as config_lib
 from jaxscale import data, models, optim, step as step_lib
+from jaxscale import distributed
 from jaxscale.config import ConfigError
 from jaxscale.mesh import create_mesh, data_axes
 from jaxscale.metrics import MetricsWriter, Progress, log
@@ -57,8 +58,9 @@ def prepare_workdir(workdir: str, config_json: str) -> None:
     return
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
-    with open(path, "w") as f:
+    with open(path + ".tmp", "w") as f:
       f.write(config_json + "\n")
+    os.replace(path + ".tmp", path)  # atomic: another process never reads half a file
 
 
 def learning_rate_for(config, global_batch_size: int) -> float:
@@ -78,6 +80,8 @@ def run(config, workdir: str) -> dict:
   config_lib.validate(config, num_devices)
   if config.parallelism == "pmap" and axes != ("data",):
     raise ConfigError("config key 'mesh': parallelism='pmap' supports only mesh='data'")
+  if config.parallelism == "pmap" and jax.process_count() > 1:  # its reductions stay in-process
+    raise ConfigError("config key 'parallelism': 'pmap' runs on one process only; use shard_map")
 
   # Input: this process's shard of every global batch.
   dataset = data.load_dataset(config)
@@ -117,9 +121,10 @@ def run(config, workdir: str) -> dict:
       spec, mesh,
       lambda rng: step_lib.create_train_state(model, make_optimizer, rng, dataset.image_shape))
   state = runner.init_state(jax.random.key(config.seed))
-  log(f"{config.model} on {dataset.name}: {num_devices} devices ({jax.process_count()} "
-      f"processes), mesh {dict(mesh.shape)}, {config.parallelism}, global batch {batch_size}, "
-      f"{total_steps} steps ({total_steps / steps_per_epoch:.2f} epochs)")
+  if is_main:
+    log(f"{config.model} on {dataset.name}: {num_devices} devices ({jax.process_count()} "
+        f"processes), mesh {dict(mesh.shape)}, {config.parallelism}, global batch {batch_size}, "
+        f"{total_steps} steps ({total_steps / steps_per_epoch:.2f} epochs)")
 
   # Training loop.
   writer = MetricsWriter(workdir, enabled=is_main)
@@ -169,11 +174,18 @@ def run(config, workdir: str) -> dict:
 def main(argv: list[str] | None = None) -> None:
   args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
   try:
+    distributed.initialize()  # first: a multi-process run is joined before anything uses JAX
     config = config_lib.load(args.config, overrides)
     run(config, args.workdir)
   except (ConfigError, FileNotFoundError) as e:
     print(f"jaxscale-train: error: {e}", file=sys.stderr)
     sys.exit(2)
+  except distributed.DistributedError as e:
+    print(f"jaxscale-train: error: {e}", file=sys.stderr)
+    sys.exit(distributed.EXIT_UNREACHABLE)
+  except Exception as e:
+    distributed.exit_after_error(e)  # multi-process: exit now, so the other processes stop too
+    raise
 
 
 if __name__ == "__main__":
