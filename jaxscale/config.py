@@ -54,6 +54,16 @@ def defaults() -> ml_collections.ConfigDict:
   # Parallelism.
   c.parallelism = "shard_map"  # or "pmap" (legacy, replicated state)
   c.mesh = "data"  # "data" (1-D), "hosts" (processes x local devices) or "RxC", e.g. "2x4"
+  # Precision (docs/precision.md).
+  c.precision = "fp32"  # "fp32", "bf16", "fp16" or "params=float32,compute=bfloat16,output=float32"
+  c.grad_allreduce_dtype = "float32"  # gradients cross devices in this: float32, bfloat16, float16
+  c.loss_scale = ml_collections.ConfigDict(dict(  # dynamic loss scaling; used only with float16
+      initial=2.0**15,  # starting scale (float16's max is 65504)
+      growth_factor=2.0,  # multiply the scale by this after growth_interval_steps finite steps
+      growth_interval_steps=2000,  # finite steps in a row before the scale grows
+      backoff_factor=0.5,  # multiply the scale by this after a non-finite (skipped) step
+      min=1.0, max=2.0**24))  # the scale always stays within [min, max]
+  c.max_nonfinite_steps = 20  # stop with an error after this many non-finite steps in a row
   # Run.
   c.seed = 0
   c.log_every_steps = 50
@@ -139,7 +149,7 @@ def _coerce(name: str, value: Any, default: Any) -> Any:
 
 def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
   """Rejects bad values before anything compiles. Raises ConfigError naming the key."""
-  from jaxscale import data, models  # deferred: both import heavy dependencies
+  from jaxscale import data, models, precision  # deferred: they import heavy dependencies
 
   def positive(key):
     if not config[key] > 0:
@@ -185,6 +195,10 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
       positive(key)
   if config.image_size < 0:
     raise ConfigError(f"config key 'image_size' must be >= 0, got {config.image_size}")
+  try:
+    precision.check_config(config)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
 
 
 def to_json(config: ml_collections.ConfigDict) -> str:

@@ -20,7 +20,7 @@ import optax
 from jax import lax
 from jax.sharding import Mesh, PartitionSpec as P
 
-from jaxscale import mesh as mesh_lib
+from jaxscale import mesh as mesh_lib, precision
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -29,16 +29,20 @@ class TrainState(flax.struct.PyTreeNode):
   params: Any
   batch_stats: Any
   opt_state: Any
+  loss_scale: precision.LossScale  # scale 1 and static unless the policy computes in float16
 
 
 def create_train_state(model, make_optimizer: Callable[[Any], optax.GradientTransformation],
-                       rng: jax.Array, image_shape: tuple[int, ...]) -> TrainState:
+                       rng: jax.Array, image_shape: tuple[int, ...],
+                       loss_scale: precision.LossScaleConfig = precision.NO_LOSS_SCALE
+                       ) -> TrainState:
   """Initializes parameters from `rng` alone, so every process computes the same state."""
   variables = model.init(rng, jnp.zeros((1, *image_shape), jnp.float32), train=False)
   params = variables["params"]
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                     batch_stats=variables.get("batch_stats", {}),
-                    opt_state=make_optimizer(0.0).init(params))
+                    opt_state=make_optimizer(0.0).init(params),
+                    loss_scale=precision.init_loss_scale(loss_scale))
 
 
 def normalize(images: jax.Array, mean, std, dtype=jnp.float32) -> jax.Array:
@@ -66,31 +70,52 @@ class StepSpec:
   label_smoothing: float = 0.0
   sync_batch_stats: bool = False  # BN groups: average running statistics over all devices
   compute_dtype: Any = jnp.float32
+  output_dtype: Any = jnp.float32  # logits; the loss is float32 whatever this is
+  grad_allreduce_dtype: Any = jnp.float32  # gradients cross the devices in this dtype
+  loss_scale: precision.LossScaleConfig = precision.NO_LOSS_SCALE
+
 
 
 def train_step(spec: StepSpec, state: TrainState, batch: dict, learning_rate: jax.Array):
-  """One optimizer step on this device's part of the global batch. Returns (state, metrics)."""
+  """One optimizer step on this device's part of the global batch. Returns (state, metrics).
+
+  A step whose loss or gradients are non-finite on any device leaves params, opt_state and
+  batch_stats as they were on every device (a select on the decision of `all_finite`, taken
+  after the reduction) and backs the loss scale off.
+  """
   images = normalize(batch["image"], spec.mean, spec.std, spec.compute_dtype)
   labels = batch["label"]
+  scale = state.loss_scale.scale
 
   def loss_fn(params):
     logits, new_vars = spec.model.apply(
         {"params": params, "batch_stats": state.batch_stats}, images, train=True,
         mutable=["batch_stats"])
-    loss = cross_entropy(logits, labels, spec.label_smoothing).mean()
-    return loss, (logits, new_vars.get("batch_stats", {}))
+    loss = cross_entropy(logits.astype(spec.output_dtype), labels, spec.label_smoothing).mean()
+    return loss * scale, (loss, logits, new_vars.get("batch_stats", {}))
 
-  (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  # Local mean gradient -> global mean gradient (see the module docstring).
-  grads = lax.pmean(grads, spec.axes)
+  (_, (loss, logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+      state.params)
+  # Local mean gradient -> global mean gradient (see the module docstring), still scaled so
+  # that small gradients survive a float16 exchange.
+  grads = precision.mean_over_devices(grads, spec.axes, spec.grad_allreduce_dtype)
+  grads = precision.unscale(grads, scale)
+  finite = precision.all_finite((grads, loss), spec.axes)
   if spec.sync_batch_stats:
     batch_stats = lax.pmean(batch_stats, spec.axes)
   tx = spec.make_optimizer(learning_rate)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                            batch_stats=batch_stats, opt_state=opt_state)
+  params, opt_state, batch_stats = precision.select_tree(
+      finite, (optax.apply_updates(state.params, updates), opt_state, batch_stats),
+      (state.params, state.opt_state, state.batch_stats))
+  loss_scale = precision.update_loss_scale(state.loss_scale, finite, spec.loss_scale)
+  new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
+                            opt_state=opt_state, loss_scale=loss_scale)
   accuracy = jnp.mean((jnp.argmax(logits, -1) == labels).astype(jnp.float32))
   metrics = lax.pmean({"loss": loss, "accuracy": accuracy}, spec.axes)
+  # Already the same on every device: no reduction needed.
+  metrics.update(finite=finite, loss_scale=loss_scale.scale,
+                 skipped_steps=loss_scale.skipped_steps)
   return new_state, metrics
 
 
@@ -98,7 +123,7 @@ def eval_step(spec: StepSpec, state: TrainState, batch: dict) -> dict[str, jax.A
   """Masked sums over the global batch: padding examples (mask 0) count for nothing."""
   images = normalize(batch["image"], spec.mean, spec.std, spec.compute_dtype)
   logits = spec.model.apply({"params": state.params, "batch_stats": state.batch_stats}, images,
-                            train=False)
+                            train=False).astype(spec.output_dtype)
   mask = batch["mask"]
   correct = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)
   sums = {"loss": jnp.sum(cross_entropy(logits, batch["label"]) * mask),

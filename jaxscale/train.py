@@ -16,7 +16,7 @@ import jax
 import numpy as np
 
 from jaxscale import config as config_lib
-from jaxscale import data, models, optim, step as step_lib
+from jaxscale import data, models, optim, precision, step as step_lib
 from jaxscale import distributed
 from jaxscale.config import ConfigError
 from jaxscale.mesh import create_mesh, data_axes
@@ -93,7 +93,8 @@ def run(config, workdir: str) -> dict:
   total_steps = (config.num_train_steps if config.num_train_steps > 0
                  else math.ceil(config.num_epochs * steps_per_epoch))
 
-  # Model and optimizer.
+  # Model and optimizer: float32 master parameters, compute in the policy's dtype.
+  policy = precision.parse_policy(config.precision)
   stem = config.stem
   if stem == "auto":
     stem = "small" if max(dataset.image_shape[:2]) <= 64 else "imagenet"
@@ -104,7 +105,8 @@ def run(config, workdir: str) -> dict:
   model = models.create_model(
       config.model, num_classes=dataset.num_classes, stem=stem, bn_momentum=config.bn_momentum,
       bn_axis_name=axes if len(axes) > 1 else axes[0], bn_axis_index_groups=groups,
-      zero_init_last_bn=config.zero_init_last_bn)
+      zero_init_last_bn=config.zero_init_last_bn, dtype=policy.compute_dtype,
+      param_dtype=policy.param_dtype)
   schedule = optim.build_schedule(
       config.lr_schedule, base_learning_rate=learning_rate_for(config, batch_size),
       steps_per_epoch=steps_per_epoch, total_steps=total_steps)
@@ -116,24 +118,32 @@ def run(config, workdir: str) -> dict:
   spec = step_lib.StepSpec(model=model, make_optimizer=make_optimizer, axes=axes,
                            mean=dataset.mean, std=dataset.std,
                            label_smoothing=config.label_smoothing,
-                           sync_batch_stats=groups is not None)
+                           sync_batch_stats=groups is not None,
+                           compute_dtype=policy.compute_dtype, output_dtype=policy.output_dtype,
+                           grad_allreduce_dtype=precision.parse_dtype(
+                               config.grad_allreduce_dtype, "grad_allreduce_dtype"),
+                           loss_scale=precision.loss_scale_config(config))
   runner = step_lib.RUNNERS[config.parallelism](
       spec, mesh,
-      lambda rng: step_lib.create_train_state(model, make_optimizer, rng, dataset.image_shape))
+      lambda rng: step_lib.create_train_state(model, make_optimizer, rng, dataset.image_shape,
+                                              spec.loss_scale))
   state = runner.init_state(jax.random.key(config.seed))
   if is_main:
     log(f"{config.model} on {dataset.name}: {num_devices} devices ({jax.process_count()} "
-        f"processes), mesh {dict(mesh.shape)}, {config.parallelism}, global batch {batch_size}, "
-        f"{total_steps} steps ({total_steps / steps_per_epoch:.2f} epochs)")
+        f"processes), mesh {dict(mesh.shape)}, {config.parallelism}, {policy}, global batch "
+        f"{batch_size}, {total_steps} steps ({total_steps / steps_per_epoch:.2f} epochs)")
 
   # Training loop.
   writer = MetricsWriter(workdir, enabled=is_main)
   progress = Progress(total_steps, config.progress_bar, enabled=is_main)
+  guard = precision.NonFiniteGuard(config.max_nonfinite_steps)
   interval_start, interval_examples = time.time(), 0
   for step in range(total_steps):
     learning_rate = float(schedule(step))
     batch = runner.put_batch(loader.next_batch(batch_size))
     state, metrics = runner.train_step(state, batch, learning_rate)
+    if not guard.observe(step + 1, metrics["finite"]):  # reads the previous step's flag
+      break  # too many non-finite steps in a row: stop before anything else is saved
     interval_examples += batch_size
     if (step + 1) % config.log_every_steps == 0 or step + 1 == total_steps:
       metrics = jax.device_get(metrics)  # waits for the step: the interval's time is real
@@ -142,11 +152,15 @@ def run(config, workdir: str) -> dict:
                "loss": float(metrics["loss"]), "accuracy": float(metrics["accuracy"]),
                "global_batch_size": batch_size, "learning_rate": learning_rate,
                "examples_per_sec": interval_examples / (now - interval_start),
-               "wall_time": now - start_time}
+               "wall_time": now - start_time, "loss_scale": float(metrics["loss_scale"]),
+               "skipped_steps": int(metrics["skipped_steps"])}
       writer.write(event)
       progress.update(step + 1, event)
       interval_start, interval_examples = now, 0
   progress.close()
+  if not guard.flush():  # the last good checkpoint stays the latest one
+    writer.close()
+    raise guard.error
 
   # Eval: every example of the eval split exactly once.
   eval_start = time.time()
@@ -177,6 +191,9 @@ def main(argv: list[str] | None = None) -> None:
     distributed.initialize()  # first: a multi-process run is joined before anything uses JAX
     config = config_lib.load(args.config, overrides)
     run(config, args.workdir)
+  except precision.NonFiniteError as e:
+    print(f"jaxscale-train: error: {e}", file=sys.stderr)
+    sys.exit(1)
   except (ConfigError, FileNotFoundError) as e:
     print(f"jaxscale-train: error: {e}", file=sys.stderr)
     sys.exit(2)
