@@ -51,11 +51,13 @@ def mean_gradients(grads: Any, axes: tuple[str, ...], algorithm: str = "flat",
                      "(mesh='hosts' or 'RxC'), got axes " + str(axes))
 
   def reduce(g):
-    original = g.dtype
-    g = g.astype(dtype) if dtype is not None else g
-    if algorithm == "flat":
-      return lax.pmean(g, axes).astype(original)
-    count = lax.axis_size(axes[0]) * lax.axis_size(axes[1])
-    return (_hierarchical_sum(g, *axes) / count).astype(original)  # as pmean: sum, then divide
+    if algorithm == "flat" and (dtype is None or g.dtype == jnp.dtype(dtype)):
+      return lax.pmean(g, axes)
+    count = lax.psum(1, axes)
+    # Divide before the sum: a half-precision sum of N terms then overflows no sooner than one
+    # term would.
+    shard = (g.astype(jnp.float32) / count).astype(dtype or g.dtype)
+    total = lax.psum(shard, axes) if algorithm == "flat" else _hierarchical_sum(shard, *axes)
+    return total.astype(g.dtype)
 
   return jax.tree.map(reduce, grads)

@@ -151,22 +151,6 @@ def unscale(grads: Any, scale: jax.Array) -> Any:
 
 # --- Cross-device pieces of the step. -----------------------------------------------------------
 
-def mean_over_devices(grads: Any, axes: tuple[str, ...], dtype: Any = jnp.float32) -> Any:
-  """The mean over the mesh axes, exchanged in `dtype` and returned in each leaf's own dtype.
-
-  A narrower dtype halves the bytes on the wire. Each device divides by the device count before
-  the sum, so the sum of N float16 terms overflows no sooner than one term would.
-  """
-  dtype = jnp.dtype(dtype)
-
-  def mean(g):
-    if g.dtype == dtype:
-      return lax.pmean(g, axes)
-    n = lax.psum(1, axes)
-    return lax.psum((g.astype(jnp.float32) / n).astype(dtype), axes).astype(g.dtype)
-  return jax.tree.map(mean, grads)
-
-
 def all_finite(tree: Any, axes: tuple[str, ...]) -> jax.Array:
   """True on every device iff every leaf is finite on every device: a `pmin` over `axes`."""
   local = jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]).all()

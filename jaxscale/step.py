@@ -20,7 +20,7 @@ import optax
 from jax import lax
 from jax.sharding import Mesh, PartitionSpec as P
 
-from jaxscale import mesh as mesh_lib, precision
+from jaxscale import allreduce, mesh as mesh_lib, precision
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -72,8 +72,8 @@ class StepSpec:
   compute_dtype: Any = jnp.float32
   output_dtype: Any = jnp.float32  # logits; the loss is float32 whatever this is
   grad_allreduce_dtype: Any = jnp.float32  # gradients cross the devices in this dtype
+  allreduce: str = "flat"  # or "hierarchical" on a (hosts x local) mesh (jaxscale/allreduce.py)
   loss_scale: precision.LossScaleConfig = precision.NO_LOSS_SCALE
-
 
 
 def train_step(spec: StepSpec, state: TrainState, batch: dict, learning_rate: jax.Array):
@@ -98,7 +98,7 @@ def train_step(spec: StepSpec, state: TrainState, batch: dict, learning_rate: ja
       state.params)
   # Local mean gradient -> global mean gradient (see the module docstring), still scaled so
   # that small gradients survive a float16 exchange.
-  grads = precision.mean_over_devices(grads, spec.axes, spec.grad_allreduce_dtype)
+  grads = allreduce.mean_gradients(grads, spec.axes, spec.allreduce, spec.grad_allreduce_dtype)
   grads = precision.unscale(grads, scale)
   finite = precision.all_finite((grads, loss), spec.axes)
   if spec.sync_batch_stats:
@@ -139,6 +139,7 @@ class Runner:
   train_step: Callable  # (state, batch, learning_rate) -> (state, metrics)
   eval_step: Callable  # (state, batch) -> metric sums
   global_state: Callable[[Any], TrainState]  # device state -> state as replicated jax.Arrays
+  from_global_state: Callable[[TrainState], Any]  # the inverse (after a checkpoint restore)
 
 
 def shard_map_runner(spec: StepSpec, mesh: Mesh, create_state: Callable) -> Runner:
@@ -158,7 +159,8 @@ def shard_map_runner(spec: StepSpec, mesh: Mesh, create_state: Callable) -> Runn
       put_batch=put_batch,
       train_step=jax.jit(train, donate_argnums=0),
       eval_step=jax.jit(evaluate),
-      global_state=lambda state: state)
+      global_state=lambda state: state,
+      from_global_state=lambda state: jax.device_put(state, replicated))
 
 
 def pmap_runner(spec: StepSpec, mesh: Mesh, create_state: Callable) -> Runner:
@@ -183,13 +185,26 @@ def pmap_runner(spec: StepSpec, mesh: Mesh, create_state: Callable) -> Runner:
   def unreplicate(tree):
     return jax.tree.map(lambda x: x[0], tree)
 
+  # Stacked copies <-> arrays replicated over the global mesh, without a trip through the host.
+  replicated = mesh_lib.replicated(mesh)
+
+  def global_state(state):
+    return jax.tree.map(lambda x: jax.make_array_from_single_device_arrays(
+        x.shape[1:], replicated, [s.data.reshape(x.shape[1:]) for s in x.addressable_shards]),
+        state)
+
+  def from_global_state(state):
+    return jax.tree.map(lambda x: jax.make_array_from_single_device_arrays(
+        (len(devices), *x.shape), stacked, [s.data[None] for s in x.addressable_shards]), state)
+
   return Runner(
       init_state=init_state,
       put_batch=put_batch,
       train_step=lambda state, batch, lr: (lambda s, m: (s, unreplicate(m)))(
           *train(state, batch, np.float32(lr))),
       eval_step=lambda state, batch: unreplicate(evaluate(state, batch)),
-      global_state=unreplicate)
+      global_state=global_state,
+      from_global_state=from_global_state)
 
 
 RUNNERS = {"shard_map": shard_map_runner, "pmap": pmap_runner}

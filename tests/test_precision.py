@@ -13,7 +13,7 @@ import numpy as np
 import optax
 import pytest
 
-from jaxscale import config as config_lib, mesh as mesh_lib, models, precision
+from jaxscale import allreduce, config as config_lib, mesh as mesh_lib, models, precision
 from jaxscale import step as step_lib, train
 
 QUICKSTART = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
@@ -248,7 +248,7 @@ def test_half_precision_mean_does_not_overflow_where_the_terms_fit():
   @jax.jit
   @functools.partial(jax.shard_map, mesh=mesh, in_specs=jax.P("data"), out_specs=jax.P("data"))
   def mean(x):
-    return precision.mean_over_devices(x, ("data",), jnp.float16)
+    return allreduce.mean_gradients(x, ("data",), "flat", jnp.float16)
 
   out = np.asarray(mean(values))
   np.testing.assert_allclose(out, np.broadcast_to(values.mean(0), out.shape), rtol=1e-3)
