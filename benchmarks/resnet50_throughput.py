@@ -1,0 +1,108 @@
+"""ResNet-50 train-step throughput per precision policy, on synthetic data already on the device.
+
+Runs jaxscale's own train step (shard_map runner, SGD-Nesterov, cross-replica BatchNorm) and
+reports images/s, step time and model FLOP utilization (FLOPs from XLA's cost analysis of the
+compiled step when it gives them, else 24.5 GFLOP per 224x224 image scaled by pixel count),
+for fp32, bf16 and fp16, with each half-precision policy as a ratio to fp32 measured in the
+same run.
+
+  python benchmarks/resnet50_throughput.py                         # CPU: 64x64, batch 8
+  python benchmarks/resnet50_throughput.py --image-size 224 --per-device-batch 256  # one GPU
+
+Reference on an NVIDIA H200 (shared reference figures): the Flax ImageNet example's step,
+6,862 images/s in bf16 and 7,199 in fp16. Record GPU measurements in benchmarks/RESULTS.md.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import jax
+import numpy as np
+import optax
+
+from jaxscale import mesh as mesh_lib, models, precision, step as step_lib
+
+GFLOP_PER_IMAGE_224 = 24.5  # ResNet-50 training step: about 3x the 8.2 GFLOP forward pass
+PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0}  # dense bf16/fp16 tensor-core peaks
+
+
+def build(policy_name: str, image_size: int, global_batch: int, num_classes: int = 1000):
+  """The jaxscale runner, state and an on-device batch for one policy."""
+  policy = precision.parse_policy(policy_name)
+  mesh = mesh_lib.create_mesh("data")
+  model = models.create_model("resnet50", num_classes=num_classes, stem="imagenet",
+                              dtype=policy.compute_dtype, param_dtype=policy.param_dtype,
+                              bn_axis_name="data")
+
+  def make_optimizer(learning_rate):
+    return optax.sgd(learning_rate, momentum=0.9, nesterov=True)
+
+  loss_scale = (precision.LossScaleConfig() if policy.compute_dtype == np.float16
+                else precision.NO_LOSS_SCALE)
+  spec = step_lib.StepSpec(model=model, make_optimizer=make_optimizer, axes=("data",),
+                           mean=(127.5,) * 3, std=(64.0,) * 3, compute_dtype=policy.compute_dtype,
+                           output_dtype=policy.output_dtype, loss_scale=loss_scale)
+  shape = (image_size, image_size, 3)
+  runner = step_lib.shard_map_runner(
+      spec, mesh, lambda rng: step_lib.create_train_state(model, make_optimizer, rng, shape,
+                                                          loss_scale))
+  rng = np.random.default_rng(0)
+  batch = runner.put_batch({
+      "image": rng.integers(0, 256, (global_batch, *shape), dtype=np.uint8),
+      "label": rng.integers(0, num_classes, global_batch).astype(np.int32)})
+  return runner, runner.init_state(jax.random.key(0)), batch
+
+
+def measure(policy_name: str, args) -> dict:
+  global_batch = args.per_device_batch * jax.device_count()
+  runner, state, batch = build(policy_name, args.image_size, global_batch)
+  compiled = runner.train_step.lower(state, batch, 0.1).compile()
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, list) else cost
+  flops = float((cost or {}).get("flops", 0.0)) * jax.device_count()
+  for _ in range(args.warmup):
+    state, metrics = runner.train_step(state, batch, 0.1)
+  jax.block_until_ready(metrics)
+  times = []
+  for _ in range(args.steps):
+    start = time.perf_counter()
+    state, metrics = runner.train_step(state, batch, 0.1)
+    jax.block_until_ready(metrics)
+    times.append(time.perf_counter() - start)
+  step_s = statistics.median(times)
+  model_flops = GFLOP_PER_IMAGE_224 * 1e9 * (args.image_size / 224) ** 2 * global_batch
+  return {"policy": policy_name, "step_ms": step_s * 1e3, "images_per_sec": global_batch / step_s,
+          "xla_tflops": flops / step_s / 1e12 if flops else None,
+          "model_tflops": model_flops / step_s / 1e12}
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--image-size", type=int, default=64)
+  parser.add_argument("--per-device-batch", type=int, default=8)
+  parser.add_argument("--steps", type=int, default=10)
+  parser.add_argument("--warmup", type=int, default=3)
+  parser.add_argument("--policies", default="fp32,bf16,fp16")
+  args = parser.parse_args()
+
+  device = jax.devices()[0]
+  name = getattr(device, "device_kind", device.platform)
+  peak = next((tflops for key, tflops in PEAK_TFLOPS.items() if key in name), None)
+  print(f"ResNet-50, {args.image_size}x{args.image_size}, per-device batch "
+        f"{args.per_device_batch}, {jax.device_count()} x {name}, jax {jax.__version__}, "
+        f"{time.strftime('%Y-%m-%d')}")
+  results = [measure(p, args) for p in args.policies.split(",")]
+  base = results[0]["images_per_sec"]
+  print("| policy | images/s | step (ms) | vs first | TFLOP/s (model) | TFLOP/s (XLA) | MFU |")
+  print("|---|---|---|---|---|---|---|")
+  for r in results:
+    mfu = f"{r['model_tflops'] / peak:.1%}" if peak else "n/a (no peak known for this device)"
+    xla = f"{r['xla_tflops']:.3f}" if r["xla_tflops"] else "n/a"
+    print(f"| {r['policy']} | {r['images_per_sec']:.1f} | {r['step_ms']:.1f} | "
+          f"{r['images_per_sec'] / base:.2f}x | {r['model_tflops']:.3f} | {xla} | {mfu} |")
+
+
+if __name__ == "__main__":
+  main()
