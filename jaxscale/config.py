@@ -68,6 +68,11 @@ def defaults() -> ml_collections.ConfigDict:
   c.seed = 0
   c.log_every_steps = 50
   c.progress_bar = "auto"  # "auto" (only on a terminal), "on" or "off"
+  # Checkpoints in workdir/checkpoints (docs/checkpoints.md); the final step is always saved.
+  c.checkpoint_every_steps = 1000  # 0: only the final save (and one on preemption)
+  c.checkpoint_keep = 3  # keep the last N checkpoints; 0 keeps all
+  c.checkpoint_keep_every_steps = 0  # also keep those whose step is a multiple; 0: none
+  c.checkpoint_async = True  # write in the background while training goes on
   return c
 
 
@@ -195,6 +200,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
       positive(key)
   if config.image_size < 0:
     raise ConfigError(f"config key 'image_size' must be >= 0, got {config.image_size}")
+  for key in ("checkpoint_every_steps", "checkpoint_keep", "checkpoint_keep_every_steps"):
+    if config[key] < 0:
+      raise ConfigError(f"config key {key!r} must be >= 0, got {config[key]}")
   try:
     precision.check_config(config)
   except ValueError as e:

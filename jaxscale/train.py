@@ -15,7 +15,7 @@ import time
 import jax
 import numpy as np
 
-from jaxscale import config as config_lib
+from jaxscale import checkpoint, config as config_lib
 from jaxscale import data, models, optim, precision, step as step_lib
 from jaxscale import distributed
 from jaxscale.config import ConfigError
@@ -26,7 +26,12 @@ from jaxscale.metrics import MetricsWriter, Progress, log
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
   """`--config` and `--workdir`, plus any number of `--config.key=value` overrides."""
   parser = argparse.ArgumentParser(
-      prog="jaxscale-train", description="Train a Flax model data-parallel over all devices.")
+      prog="jaxscale-train", description="Train a Flax model data-parallel over all devices.",
+      epilog="Rerunning with the same workdir resumes from its latest checkpoint. Exit status: "
+             "0 done; 1 too many non-finite steps in a row; 2 bad config or checkpoint; "
+             f"{distributed.EXIT_UNREACHABLE} coordinator unreachable; "
+             f"{checkpoint.EXIT_PREEMPTED} preempted by SIGTERM/SIGINT after saving a checkpoint "
+             "(rerun the same command to resume).")
   parser.add_argument("--config", required=True, help="a Python file with get_config()")
   parser.add_argument("--workdir", required=True, help="where metrics and checkpoints go")
   args, rest = parser.parse_known_args(argv)
@@ -133,12 +138,34 @@ def run(config, workdir: str) -> dict:
         f"processes), mesh {dict(mesh.shape)}, {config.parallelism}, {policy}, global batch "
         f"{batch_size}, {total_steps} steps ({total_steps / steps_per_epoch:.2f} epochs)")
 
+  # Checkpoints: resume from the latest complete one, if any (docs/checkpoints.md).
+  checkpoints = checkpoint.Checkpoints(
+      os.path.join(workdir, "checkpoints"), config_lib.to_json(config),
+      every_steps=config.checkpoint_every_steps, keep=config.checkpoint_keep,
+      keep_every_steps=config.checkpoint_keep_every_steps, async_save=config.checkpoint_async)
+  steps_done = 0
+  restored = checkpoints.restore_latest(runner.global_state(state))
+  if restored:
+    state, steps_done = runner.from_global_state(restored[0]), restored[1]["step"]
+    loader.set_state(restored[1]["data"])
+    if is_main:
+      log(f"resumed from {checkpoints.path(steps_done)} (epoch {loader.epoch:.2f})")
+
+  model_info = {"name": config.model, "num_classes": dataset.num_classes, "stem": stem,
+                "image_shape": list(dataset.image_shape), "mean": list(dataset.mean),
+                "std": list(dataset.std)}  # what jaxscale.export needs to rebuild the model
+
+  def host_state():  # what a checkpoint holds besides the TrainState
+    return {"data": loader.get_state(), "seed": config.seed, "global_batch_size": batch_size,
+            "model": model_info}
+
   # Training loop.
   writer = MetricsWriter(workdir, enabled=is_main)
-  progress = Progress(total_steps, config.progress_bar, enabled=is_main)
+  progress = Progress(total_steps, config.progress_bar, enabled=is_main, start_step=steps_done)
+  preemption = checkpoint.PreemptionWatch(mesh)
   guard = precision.NonFiniteGuard(config.max_nonfinite_steps)
   interval_start, interval_examples = time.time(), 0
-  for step in range(total_steps):
+  for step in range(steps_done, total_steps):
     learning_rate = float(schedule(step))
     batch = runner.put_batch(loader.next_batch(batch_size))
     state, metrics = runner.train_step(state, batch, learning_rate)
@@ -157,10 +184,26 @@ def run(config, workdir: str) -> dict:
       writer.write(event)
       progress.update(step + 1, event)
       interval_start, interval_examples = now, 0
+    steps_done = step + 1
+    if checkpoints.is_due(steps_done):
+      if not guard.flush():
+        break
+      checkpoints.save(steps_done, runner.global_state(state), host_state())
+    if preemption.stop_requested():
+      break
   progress.close()
   if not guard.flush():  # the last good checkpoint stays the latest one
+    checkpoints.wait()
+    preemption.close()
     writer.close()
     raise guard.error
+  # The final save, or the one a preemption asked for: wait until it is committed.
+  checkpoints.save(steps_done, runner.global_state(state), host_state(), wait=True)
+  preempted = preemption.stop_requested(now=True)
+  preemption.close()
+  if preempted:
+    writer.close()
+    raise checkpoint.Preempted(steps_done, checkpoints.path(steps_done))
 
   # Eval: every example of the eval split exactly once.
   eval_start = time.time()
@@ -177,6 +220,7 @@ def run(config, workdir: str) -> dict:
             "examples_per_sec": count / (now - eval_start), "wall_time": now - start_time}
   writer.write(result)
   writer.close()
+  checkpoints.close()
   train_images = total_steps * batch_size
   if is_main:
     log(f"done: eval accuracy {result['accuracy']:.4f} (loss {result['loss']:.4f}, {count} "
@@ -194,7 +238,10 @@ def main(argv: list[str] | None = None) -> None:
   except precision.NonFiniteError as e:
     print(f"jaxscale-train: error: {e}", file=sys.stderr)
     sys.exit(1)
-  except (ConfigError, FileNotFoundError) as e:
+  except checkpoint.Preempted as e:
+    print(f"jaxscale-train: {e}", file=sys.stderr)
+    sys.exit(checkpoint.EXIT_PREEMPTED)
+  except (ConfigError, FileNotFoundError, checkpoint.CheckpointError) as e:
     print(f"jaxscale-train: error: {e}", file=sys.stderr)
     sys.exit(2)
   except distributed.DistributedError as e:

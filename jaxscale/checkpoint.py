@@ -1,0 +1,311 @@
+"""Checkpoints of a run in `workdir/checkpoints/<step>/`, written with orbax, and preemption.
+
+A checkpoint holds two items:
+  state  the whole TrainState pytree as global jax.Arrays. Every process writes the shards
+         whose first replica it holds; for the replicated state of data parallelism that is
+         process 0. (orbax's default on GPUs; on CPU and TPU it would split each replicated
+         array over its replicas, which compiles a slicing program per array shape at a run's
+         first save, seconds on CPU, and makes every save block longer.)
+  meta   JSON: the step, the trainer's host-side state (data stream position, seed, global
+         batch size) and the resolved config, so that a checkpoint of another config is refused.
+orbax writes a step into `<step>.orbax-checkpoint-tmp` and renames it on commit, so a step whose
+write did not complete is never listed, let alone restored. Restoring takes a target state that
+carries the shardings of the current mesh: a checkpoint written on one topology restores onto any.
+
+Preemption: SIGTERM and SIGINT set a flag; `PreemptionWatch.stop_requested()` turns the flags of
+all processes into one answer at one step boundary, the trainer saves there, waits for the write
+and exits with `EXIT_PREEMPTED`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import threading
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from jaxscale.metrics import log
+
+# sysexits' EX_TEMPFAIL ("temporary failure, try again"): the run saved a checkpoint after
+# SIGTERM or SIGINT; rerunning the same command resumes from it.
+EXIT_PREEMPTED = 75
+
+
+# orbax's handlers for the leaf types a TrainState may hold; jax.Arrays written by one replica.
+_TYPE_HANDLERS = ocp.type_handlers.create_type_handler_registry(
+    (int, ocp.type_handlers.ScalarHandler()), (float, ocp.type_handlers.ScalarHandler()),
+    (np.number, ocp.type_handlers.ScalarHandler()), (np.ndarray, ocp.type_handlers.NumpyHandler()),
+    (str, ocp.type_handlers.StringHandler()),
+    (jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False)))
+
+
+class CheckpointError(ValueError):
+  """A checkpoint that cannot be restored into this run; the message names its path."""
+
+
+class Preempted(Exception):
+  """The run stopped after a preemption signal, with a complete checkpoint at `step`."""
+
+  def __init__(self, step: int, path: str):
+    super().__init__(f"preempted: saved step {step} to {path}; rerun the same command to resume")
+    self.step, self.path = step, path
+
+
+class Checkpoints:
+  """The checkpoints of one run: periodic and final saves, retention, restore of the latest.
+
+  Every process makes the same calls in the same order; orbax coordinates the writes.
+  """
+
+  def __init__(self, directory: str, config_json: str, *, every_steps: int = 0, keep: int = 0,
+               keep_every_steps: int = 0, async_save: bool = True):
+    """
+    Args:
+      directory: where the step directories go (created if missing).
+      config_json: the resolved config (`config.to_json`), stored with every checkpoint.
+      every_steps: `is_due` says yes for multiples of this; 0: never (the trainer then saves
+        only the final step, or the step where it was preempted).
+      keep: keep the last `keep` checkpoints; 0 keeps all.
+      keep_every_steps: also keep every checkpoint whose step is a multiple of this; 0: none.
+      async_save: write in the background; `save` returns once the state is copied off the
+        devices.
+    """
+    self.directory = os.path.abspath(directory)
+    self.every_steps = every_steps
+    self._config = json.loads(config_json)
+    registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
+    state_handler = ocp.PyTreeCheckpointHandler(type_handler_registry=_TYPE_HANDLERS)
+    registry.add("state", ocp.args.PyTreeSave, state_handler)
+    registry.add("state", ocp.args.PyTreeRestore, state_handler)
+    registry.add("meta", ocp.args.JsonSave)
+    registry.add("meta", ocp.args.JsonRestore)
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep or None, keep_period=keep_every_steps or None,
+        enable_async_checkpointing=async_save, cleanup_tmp_directories=True)
+    self._manager = ocp.CheckpointManager(self.directory, options=options,
+                                          handler_registry=registry)
+    self._last_saved = self._manager.latest_step()
+
+  def path(self, step: int) -> str:
+    return os.path.join(self.directory, str(step))
+
+  def latest_step(self) -> int | None:
+    """The newest complete checkpoint's step, or None."""
+    return self._manager.latest_step()
+
+  def is_due(self, step: int) -> bool:
+    """Whether `step` is a periodic save step (`every_steps`)."""
+    return self.every_steps > 0 and step % self.every_steps == 0
+
+  def save(self, step: int, state: Any, host_state: dict[str, Any], *, wait: bool = False) -> None:
+    """Saves `state` (global arrays) and `host_state` (JSON-able) as checkpoint `step`.
+
+    A step already saved is not written again. `wait` blocks until the write is committed.
+    """
+    if step != self._last_saved:
+      meta = {"step": step, **host_state, "config": self._config}
+      self._manager.save(step, args=ocp.args.Composite(
+          state=ocp.args.PyTreeSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+      self._last_saved = step
+    if wait:
+      self._manager.wait_until_finished()
+
+  def wait(self) -> None:
+    """Blocks until every started save is committed."""
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.close()
+
+  def restore_latest(self, target: Any) -> tuple[Any, dict[str, Any]] | None:
+    """`restore(latest_step(), target)`, or None when there is no complete checkpoint."""
+    step = self.latest_step()
+    return None if step is None else self.restore(step, target)
+
+  def restore(self, step: int, target: Any) -> tuple[Any, dict[str, Any]]:
+    """Restores checkpoint `step` onto the shardings of `target`; returns (state, meta).
+
+    Raises CheckpointError, naming the path, for a checkpoint of another config, one whose
+    arrays do not match `target` (another model or optimizer), or one that cannot be read.
+    """
+    path = self.path(step)
+    meta = _reading(path, lambda: self._manager.restore(
+        step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta)
+    changed = _changed_keys(meta.get("config", {}), self._config)
+    if changed:
+      raise CheckpointError(f"checkpoint {path} was written by a different config (keys differ: "
+                            f"{', '.join(changed)})")
+    saved = _reading(path, lambda: self._manager.item_metadata(step)["state"])
+    mismatch = _tree_mismatch(_leaf_specs(saved), _leaf_specs(target))
+    if mismatch:
+      raise CheckpointError(f"checkpoint {path} does not match this run's state: {mismatch}")
+    abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), target)
+    restore = ocp.args.PyTreeRestore(
+        abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract))
+    state = _reading(path, lambda: self._manager.restore(
+        step, args=ocp.args.Composite(state=restore)).state)
+    return state, meta
+
+
+def _reading(path: str, read):
+  """read(), with any failure turned into one CheckpointError line that names `path`."""
+  _drop_closed_loop_callbacks()
+  try:
+    return read()
+  except Exception as e:  # noqa: BLE001 - orbax and tensorstore raise many kinds
+    lines = str(e).strip().splitlines() or [""]
+    brief = lines[0].split(" [tensorstore_spec=")[0][:400]
+    raise CheckpointError(f"checkpoint {path} cannot be read ({type(e).__name__}: {brief})"
+                          ) from e
+
+
+def _drop_closed_loop_callbacks() -> None:
+  """Silences one known echo of a failed read, and nothing else (installed before reading).
+
+  When one array of a restore fails, orbax closes its event loop while tensorstore finishes the
+  other reads; their completion callbacks then raise "Event loop is closed" as unraisable
+  exceptions, whose tracebacks would bury the one-line error.
+  """
+  previous = sys.unraisablehook
+  if getattr(previous, "jaxscale_drops_closed_loop", False):
+    return
+
+  def hook(unraisable):
+    if not (isinstance(unraisable.exc_value, RuntimeError)
+            and str(unraisable.exc_value) == "Event loop is closed"):
+      previous(unraisable)
+
+  hook.jaxscale_drops_closed_loop = True
+  sys.unraisablehook = hook
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      out.update(_flatten(value, f"{prefix}{key}."))
+    else:
+      out[prefix + key] = value
+  return out
+
+
+def _changed_keys(old: dict, new: dict) -> list[str]:
+  old, new = _flatten(old), _flatten(new)
+  return sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+
+
+def _leaf_specs(tree: Any) -> dict[str, tuple[tuple[int, ...], str]]:
+  """{'params/Conv_0/kernel': (shape, dtype)} for a state, abstract state or orbax metadata."""
+  tree = getattr(tree, "tree", tree)  # orbax's TreeMetadata wraps the tree
+  def name(key):
+    for attr in ("key", "name", "idx"):
+      if hasattr(key, attr):
+        return str(getattr(key, attr))
+    return str(key)
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {"/".join(name(k) for k in path): (tuple(x.shape), str(np.dtype(x.dtype)))
+          for path, x in leaves}
+
+
+def _tree_mismatch(saved: dict, wanted: dict, limit: int = 3) -> str:
+  """A one-line account of how two leaf-spec dicts differ; '' when they match."""
+  def listed(label, items):
+    items = sorted(items)
+    more = f" and {len(items) - limit} more" if len(items) > limit else ""
+    return f"{label} {', '.join(items[:limit])}{more}" if items else ""
+  differ = [f"{k} (checkpoint {saved[k][0]} {saved[k][1]}, run {wanted[k][0]} {wanted[k][1]})"
+            for k in sorted(saved.keys() & wanted.keys()) if saved[k] != wanted[k]]
+  parts = [listed("missing from the checkpoint:", wanted.keys() - saved.keys()),
+           listed("not in this run:", saved.keys() - wanted.keys()),
+           listed("differ:", differ)]
+  return "; ".join(p for p in parts if p)
+
+
+class PreemptionWatch:
+  """SIGTERM and SIGINT set a flag; `stop_requested` gives all processes one answer per boundary.
+
+  The answer is a max over every device's copy of its process's flag, computed as a tiny
+  collective on the mesh and read one step boundary later: the host never waits for more than
+  the step in flight, and since every process reads the result of the same collective, all stop
+  at the same step. A second SIGINT interrupts at once. The handlers are installed on creation
+  (from the main thread; signals reach no other) and put back by `close`.
+  """
+
+  def __init__(self, mesh: Mesh):
+    self._signal = None  # the name of the first signal received
+    self._logged = False
+    self._num_local = sum(d.process_index == jax.process_index() for d in mesh.devices.flat)
+    self._sharding = NamedSharding(mesh, P(mesh.axis_names))
+    self._any = jax.jit(jnp.max, out_shardings=NamedSharding(mesh, P()))
+    self._pending = None
+    self._previous_handlers = {}
+    if threading.current_thread() is threading.main_thread():
+      for signum in (signal.SIGTERM, signal.SIGINT):
+        self._previous_handlers[signum] = signal.signal(signum, self._handle)
+
+  def close(self) -> None:
+    for signum, handler in self._previous_handlers.items():
+      signal.signal(signum, handler)
+    self._previous_handlers = {}
+
+  def _handle(self, signum, frame) -> None:  # no I/O here: it may interrupt a write to stderr
+    if self._signal and signum == signal.SIGINT:
+      raise KeyboardInterrupt
+    self._signal = self._signal or signal.Signals(signum).name
+
+  def _dispatch(self) -> jax.Array:
+    if self._signal and not self._logged:
+      log(f"received {self._signal}: saving a checkpoint at the next step boundary")
+      self._logged = True
+    flags = np.full((self._num_local,), self._signal is not None, np.int32)
+    return self._any(jax.make_array_from_process_local_data(self._sharding, flags))
+
+  def stop_requested(self, *, now: bool = False) -> bool:
+    """Call at every step boundary, on every process: True when the run should stop here.
+
+    `now` reads a fresh answer instead of the one from the previous boundary (after the loop).
+    """
+    previous, self._pending = self._pending, self._dispatch()
+    if now:
+      previous, self._pending = self._pending, None
+    return previous is not None and bool(previous.addressable_data(0))
+
+
+def read(step_dir: str) -> tuple[dict[str, Any], dict[str, Any]]:
+  """Checkpoint `step_dir` as (state as nested dicts of numpy arrays, meta), on the host.
+
+  Needs no mesh and no model: for export, inspection and tests, whatever topology wrote it.
+  """
+  step_dir = os.path.abspath(step_dir)
+
+  def read_all():
+    state_dir = epath.Path(step_dir) / "state"
+    tree = ocp.PyTreeCheckpointHandler().metadata(state_dir).tree
+    as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+    state = ocp.PyTreeCheckpointer().restore(state_dir,
+                                             args=ocp.args.PyTreeRestore(restore_args=as_numpy))
+    meta = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(epath.Path(step_dir) / "meta")
+    return state, meta
+
+  return _reading(step_dir, read_all)
+
+
+def latest_step_dir(directory: str) -> str:
+  """The newest complete checkpoint in `directory` (a workdir or its checkpoints/)."""
+  if os.path.isdir(os.path.join(directory, "checkpoints")):
+    directory = os.path.join(directory, "checkpoints")
+  directory = os.path.abspath(directory)
+  steps = ocp.step.checkpoint_steps(directory) if os.path.isdir(directory) else []
+  step = max(steps, default=None)  # finalized steps only
+  if step is None:
+    raise CheckpointError(f"no complete checkpoint in {directory}")
+  return os.path.join(directory, str(step))
