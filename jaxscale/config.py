@@ -28,12 +28,18 @@ def defaults() -> ml_collections.ConfigDict:
   # Data.
   c.dataset = "fashion_mnist"  # a TFDS catalog name, or "synthetic"
   c.data_dir = ""  # TFDS data dir; "" means $TFDS_DATA_DIR or ~/tensorflow_datasets
+  c.eval_split = ""  # "" means "validation" if the dataset has one, else "test"
   c.fashion_mnist_idx_dir = "/usr/share/datasets/fashion-mnist"  # Debian's dataset-fashion-mnist
-  c.image_size = 0  # synthetic data only: 0 means 32
+  # Image side fed to the model. 0: the dataset's own (fixed) size. > 0: Inception random-resized
+  # crop for training, resize + center crop for eval (ImageNet: 224); synthetic images are
+  # generated at this size (0 means 32).
+  c.image_size = 0
   c.synthetic_num_classes = 10
   c.synthetic_num_train_examples = 4096
   c.synthetic_num_eval_examples = 1024
   c.random_flip = True
+  c.data_workers = 0  # grain worker processes per host for decoding; 0: one background thread
+  c.prefetch_batches = 2  # batches prepared ahead of the step that needs them
   # Model.
   c.model = "resnet8"
   c.stem = "auto"  # "imagenet", "small", or "auto" (small for images of at most 64 pixels)
@@ -44,6 +50,11 @@ def defaults() -> ml_collections.ConfigDict:
   c.num_epochs = 4.0
   c.num_train_steps = -1  # when > 0, overrides num_epochs
   c.global_batch_size = 128
+  # Batch growth (jaxscale/batching.py): "" (constant), stages "start_epoch:global_batch_size,..."
+  # (e.g. "0:34816,30:69632"), or "adaptive" (double while the gradient noise scale exceeds it).
+  c.batch_schedule = ""
+  c.batch_ramp = False  # stages: grow linearly between the points instead of jumping
+  c.max_global_batch_size = 0  # adaptive: the largest global batch
   c.eval_batch_size = 1000  # global; the last eval batch is padded and the padding masked
   c.learning_rate = 0.1  # base rate at reference_batch_size
   c.lr_scaling = "none"  # "linear", "sqrt" or "none": how the rate follows the global batch
@@ -54,6 +65,8 @@ def defaults() -> ml_collections.ConfigDict:
   # Parallelism.
   c.parallelism = "shard_map"  # or "pmap" (legacy, replicated state)
   c.mesh = "data"  # "data" (1-D), "hosts" (processes x local devices) or "RxC", e.g. "2x4"
+  c.allreduce = "flat"  # gradient all-reduce: "flat", or "hierarchical" on a 2-D mesh
+  c.xla_gpu_overlap = True  # on GPU, XLA flags that overlap and combine all-reduces
   # Precision (docs/precision.md).
   c.precision = "fp32"  # "fp32", "bf16", "fp16" or "params=float32,compute=bfloat16,output=float32"
   c.grad_allreduce_dtype = "float32"  # gradients cross devices in this: float32, bfloat16, float16
@@ -132,7 +145,11 @@ def apply_override(config: ml_collections.ConfigDict, override: str) -> None:
     value = ast.literal_eval(text)
   except (ValueError, SyntaxError):
     value = text
-  _assign(node, leaf, _coerce(key, value, node[leaf]), key)
+  default = defaults()
+  for part in key.split("."):
+    default = default[part]
+  # Coerce to the default's type, not the current value's: None-default keys take any type.
+  _assign(node, leaf, _coerce(key, value, default), key)
 
 
 def _coerce(name: str, value: Any, default: Any) -> Any:
@@ -175,6 +192,13 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
   if config.lr_scaling not in optim.LR_SCALING_RULES:
     raise ConfigError(f"config key 'lr_scaling': unknown {config.lr_scaling!r}; "
                       f"known: {', '.join(optim.LR_SCALING_RULES)}")
+  if config.allreduce not in ("flat", "hierarchical"):
+    raise ConfigError(f"config key 'allreduce': unknown {config.allreduce!r}; known: flat, "
+                      f"hierarchical")
+  if config.allreduce == "hierarchical" and (config.mesh == "data" or
+                                             config.parallelism == "pmap"):
+    raise ConfigError("config key 'allreduce': 'hierarchical' needs a 2-D mesh (mesh='hosts' "
+                      "or 'RxC') under parallelism='shard_map'")
   if config.stem not in ("auto", "imagenet", "small"):
     raise ConfigError(f"config key 'stem': must be auto, imagenet or small, got {config.stem!r}")
   if config.progress_bar not in ("auto", "on", "off"):
@@ -198,8 +222,10 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     for key in ("synthetic_num_classes", "synthetic_num_train_examples",
                 "synthetic_num_eval_examples"):
       positive(key)
-  if config.image_size < 0:
-    raise ConfigError(f"config key 'image_size' must be >= 0, got {config.image_size}")
+  for key in ("image_size", "data_workers"):
+    if config[key] < 0:
+      raise ConfigError(f"config key {key!r} must be >= 0, got {config[key]}")
+  positive("prefetch_batches")
   for key in ("checkpoint_every_steps", "checkpoint_keep", "checkpoint_keep_every_steps"):
     if config[key] < 0:
       raise ConfigError(f"config key {key!r} must be >= 0, got {config[key]}")

@@ -92,7 +92,12 @@ def run(config, workdir: str) -> dict:
   dataset = data.load_dataset(config)
   prepare_workdir(workdir, config_lib.to_json(config))
   is_main = jax.process_index() == 0
-  loader = data.TrainLoader(dataset.train, seed=config.seed, random_flip=config.random_flip)
+  crop_size = 0 if dataset.name == "synthetic" else config.image_size
+  loader = data.TrainLoader(
+      dataset.train, seed=config.seed, workers=config.data_workers,
+      prefetch=config.prefetch_batches,
+      transform=data.TrainTransform(image_size=crop_size, random_flip=config.random_flip,
+                                    channels=dataset.image_shape[-1]))
   batch_size = config.global_batch_size
   steps_per_epoch = loader.num_examples / batch_size
   total_steps = (config.num_train_steps if config.num_train_steps > 0
@@ -127,6 +132,7 @@ def run(config, workdir: str) -> dict:
                            compute_dtype=policy.compute_dtype, output_dtype=policy.output_dtype,
                            grad_allreduce_dtype=precision.parse_dtype(
                                config.grad_allreduce_dtype, "grad_allreduce_dtype"),
+                           allreduce=config.allreduce,
                            loss_scale=precision.loss_scale_config(config))
   runner = step_lib.RUNNERS[config.parallelism](
       spec, mesh,
@@ -208,7 +214,9 @@ def run(config, workdir: str) -> dict:
   # Eval: every example of the eval split exactly once.
   eval_start = time.time()
   sums = None
-  for batch in data.eval_batches(dataset.eval, config.eval_batch_size):
+  for batch in data.eval_batches(dataset.eval, config.eval_batch_size,
+                                 transform=data.EvalTransform(crop_size, dataset.image_shape[-1]),
+                                 workers=config.data_workers, prefetch=config.prefetch_batches):
     out = jax.device_get(runner.eval_step(state, runner.put_batch(batch)))
     sums = out if sums is None else {k: sums[k] + out[k] for k in sums}
   count = int(sums["count"])
