@@ -44,6 +44,14 @@ class BatchSchedule:
       size = max(self.multiple, int(size) // self.multiple * self.multiple)
     return size
 
+  def num_steps(self, position: int, total_examples: int) -> int:
+    """Steps from `position` until `total_examples` are consumed, at the sizes known now."""
+    steps = 0
+    while position < total_examples:
+      position += self.size_at(position)
+      steps += 1
+    return steps
+
   def observe_noise_scale(self, noise_scale: float) -> bool:
     """Adaptive growth: doubles the batch when B_simple exceeds it. True if it changed."""
     current = self.current or self.initial
@@ -76,6 +84,9 @@ def create(config, num_examples: int, multiple: int) -> BatchSchedule:
   if not spec:
     return BatchSchedule(num_examples, multiple, initial=initial)
   if spec == "adaptive":
+    if multiple < 2:
+      raise ConfigError(f"{key}: 'adaptive' measures the gradient noise scale from per-device "
+                        f"gradients and needs at least 2 data-parallel devices")
     maximum = config.max_global_batch_size
     if maximum < initial or maximum % multiple:
       raise ConfigError(f"config key 'max_global_batch_size': {maximum} must be >= "

@@ -98,6 +98,8 @@ def train_step(spec: StepSpec, state: TrainState, batch: dict, learning_rate: ja
       state.params)
   # Local mean gradient -> global mean gradient (see the module docstring), still scaled so
   # that small gradients survive a float16 exchange.
+  # Squared norms of the local and the all-reduced gradient: the gradient noise scale's inputs.
+  local_sq_norm = optax.tree_utils.tree_norm(grads, squared=True) / (scale * scale)
   grads = allreduce.mean_gradients(grads, spec.axes, spec.allreduce, spec.grad_allreduce_dtype)
   grads = precision.unscale(grads, scale)
   finite = precision.all_finite((grads, loss), spec.axes)
@@ -112,7 +114,9 @@ def train_step(spec: StepSpec, state: TrainState, batch: dict, learning_rate: ja
   new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
                             opt_state=opt_state, loss_scale=loss_scale)
   accuracy = jnp.mean((jnp.argmax(logits, -1) == labels).astype(jnp.float32))
-  metrics = lax.pmean({"loss": loss, "accuracy": accuracy}, spec.axes)
+  metrics = lax.pmean({"loss": loss, "accuracy": accuracy,
+                       "grad_sq_norm_local": local_sq_norm}, spec.axes)
+  metrics["grad_sq_norm_global"] = optax.tree_utils.tree_norm(grads, squared=True)
   # Already the same on every device: no reduction needed.
   metrics.update(finite=finite, loss_scale=loss_scale.scale,
                  skipped_steps=loss_scale.skipped_steps)

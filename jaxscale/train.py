@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -15,7 +14,7 @@ import time
 import jax
 import numpy as np
 
-from jaxscale import checkpoint, config as config_lib
+from jaxscale import batching, checkpoint, config as config_lib
 from jaxscale import data, models, optim, precision, step as step_lib
 from jaxscale import distributed
 from jaxscale.config import ConfigError
@@ -98,10 +97,15 @@ def run(config, workdir: str) -> dict:
       prefetch=config.prefetch_batches,
       transform=data.TrainTransform(image_size=crop_size, random_flip=config.random_flip,
                                     channels=dataset.image_shape[-1]))
-  batch_size = config.global_batch_size
-  steps_per_epoch = loader.num_examples / batch_size
-  total_steps = (config.num_train_steps if config.num_train_steps > 0
-                 else math.ceil(config.num_epochs * steps_per_epoch))
+  # Batch sizes: constant, stages or adaptive (jaxscale/batching.py). Progress is counted in
+  # examples, so epochs, the learning rate and the batch size agree whatever the sizes are.
+  batches = batching.create(config, loader.num_examples, num_devices)
+  if config.num_train_steps > 0:
+    total_steps = config.num_train_steps
+    total_examples = total_steps * config.global_batch_size  # the schedule's length
+  else:
+    total_examples = round(config.num_epochs * loader.num_examples)
+    total_steps = batches.num_steps(0, total_examples)
 
   # Model and optimizer: float32 master parameters, compute in the policy's dtype.
   policy = precision.parse_policy(config.precision)
@@ -117,9 +121,9 @@ def run(config, workdir: str) -> dict:
       bn_axis_name=axes if len(axes) > 1 else axes[0], bn_axis_index_groups=groups,
       zero_init_last_bn=config.zero_init_last_bn, dtype=policy.compute_dtype,
       param_dtype=policy.param_dtype)
-  schedule = optim.build_schedule(
-      config.lr_schedule, base_learning_rate=learning_rate_for(config, batch_size),
-      steps_per_epoch=steps_per_epoch, total_steps=total_steps)
+  # The schedule's shape over examples seen (peak 1), times the rate for the batch in force.
+  lr_shape = optim.build_schedule(config.lr_schedule, base_learning_rate=1.0,
+                                  steps_per_epoch=loader.num_examples, total_steps=total_examples)
 
   def make_optimizer(learning_rate):
     return optim.build_optimizer(config.optimizer, learning_rate)
@@ -142,7 +146,8 @@ def run(config, workdir: str) -> dict:
   if is_main:
     log(f"{config.model} on {dataset.name}: {num_devices} devices ({jax.process_count()} "
         f"processes), mesh {dict(mesh.shape)}, {config.parallelism}, {policy}, global batch "
-        f"{batch_size}, {total_steps} steps ({total_steps / steps_per_epoch:.2f} epochs)")
+        f"{batches.size_at(0)}, {total_steps} steps ({total_examples / loader.num_examples:.2f} "
+        f"epochs)")
 
   # Checkpoints: resume from the latest complete one, if any (docs/checkpoints.md).
   checkpoints = checkpoint.Checkpoints(
@@ -154,6 +159,7 @@ def run(config, workdir: str) -> dict:
   if restored:
     state, steps_done = runner.from_global_state(restored[0]), restored[1]["step"]
     loader.set_state(restored[1]["data"])
+    batches.restore(restored[1].get("batch_schedule", {}))
     if is_main:
       log(f"resumed from {checkpoints.path(steps_done)} (epoch {loader.epoch:.2f})")
 
@@ -162,35 +168,47 @@ def run(config, workdir: str) -> dict:
                 "std": list(dataset.std)}  # what jaxscale.export needs to rebuild the model
 
   def host_state():  # what a checkpoint holds besides the TrainState
-    return {"data": loader.get_state(), "seed": config.seed, "global_batch_size": batch_size,
-            "model": model_info}
+    return {"data": loader.get_state(), "seed": config.seed, "model": model_info,
+            "global_batch_size": batches.size_at(loader.position),
+            "batch_schedule": batches.state()}
 
   # Training loop.
   writer = MetricsWriter(workdir, enabled=is_main)
   progress = Progress(total_steps, config.progress_bar, enabled=is_main, start_step=steps_done)
   preemption = checkpoint.PreemptionWatch(mesh)
   guard = precision.NonFiniteGuard(config.max_nonfinite_steps)
+  noise_scale = batching.NoiseScale()
   interval_start, interval_examples = time.time(), 0
-  for step in range(steps_done, total_steps):
-    learning_rate = float(schedule(step))
-    batch = runner.put_batch(loader.next_batch(batch_size))
+  step, size = steps_done, None
+  while step < total_steps:
+    size, previous_size = batches.size_at(loader.position), size
+    learning_rate = learning_rate_for(config, size) * float(lr_shape(loader.position))
+    batch = runner.put_batch(loader.next_batch(size))
     state, metrics = runner.train_step(state, batch, learning_rate)
-    if not guard.observe(step + 1, metrics["finite"]):  # reads the previous step's flag
+    step += 1
+    if not guard.observe(step, metrics["finite"]):  # reads the previous step's flag
       break  # too many non-finite steps in a row: stop before anything else is saved
-    interval_examples += batch_size
-    if (step + 1) % config.log_every_steps == 0 or step + 1 == total_steps:
+    interval_examples += size
+    if (step % config.log_every_steps == 0 or step == total_steps
+        or size != (previous_size or size)):  # also the first step of every new batch size
       metrics = jax.device_get(metrics)  # waits for the step: the interval's time is real
       now = time.time()
-      event = {"step": step + 1, "epoch": loader.epoch, "split": "train",
+      event = {"step": step, "epoch": loader.epoch, "split": "train",
                "loss": float(metrics["loss"]), "accuracy": float(metrics["accuracy"]),
-               "global_batch_size": batch_size, "learning_rate": learning_rate,
+               "global_batch_size": size, "learning_rate": learning_rate,
                "examples_per_sec": interval_examples / (now - interval_start),
                "wall_time": now - start_time, "loss_scale": float(metrics["loss_scale"]),
                "skipped_steps": int(metrics["skipped_steps"])}
+      if num_devices > 1:  # B_simple from per-device against all-reduced gradient norms
+        event["noise_scale"] = noise_scale.update(*batching.noise_scale_terms(
+            float(metrics["grad_sq_norm_local"]), float(metrics["grad_sq_norm_global"]),
+            size // num_devices, size))
+        if batches.observe_noise_scale(noise_scale.value) and config.num_train_steps <= 0:
+          total_steps = step + batches.num_steps(loader.position, total_examples)
       writer.write(event)
-      progress.update(step + 1, event)
+      progress.update(step, event)
       interval_start, interval_examples = now, 0
-    steps_done = step + 1
+    steps_done = step
     if checkpoints.is_due(steps_done):
       if not guard.flush():
         break
@@ -224,12 +242,13 @@ def run(config, workdir: str) -> dict:
   result = {"step": total_steps, "epoch": loader.epoch, "split": "eval",
             "loss": float(sums["loss"]) / count, "accuracy": float(sums["correct"]) / count,
             "num_examples": count, "global_batch_size": config.eval_batch_size,
-            "learning_rate": float(schedule(max(total_steps - 1, 0))),
+            "learning_rate": learning_rate_for(config, batches.size_at(loader.position)) *
+                             float(lr_shape(loader.position)),
             "examples_per_sec": count / (now - eval_start), "wall_time": now - start_time}
   writer.write(result)
   writer.close()
   checkpoints.close()
-  train_images = total_steps * batch_size
+  train_images = loader.position
   if is_main:
     log(f"done: eval accuracy {result['accuracy']:.4f} (loss {result['loss']:.4f}, {count} "
         f"examples), wall time {now - start_time:.0f} s, "
