@@ -81,6 +81,7 @@ def defaults() -> ml_collections.ConfigDict:
   c.seed = 0
   c.log_every_steps = 50
   c.progress_bar = "auto"  # "auto" (only on a terminal), "on" or "off"
+  c.profile_steps = ""  # "A:B": a JAX profiler trace of steps A+1..B in workdir/profile
   # Checkpoints in workdir/checkpoints (docs/checkpoints.md); the final step is always saved.
   c.checkpoint_every_steps = 1000  # 0: only the final save (and one on preemption)
   c.checkpoint_keep = 3  # keep the last N checkpoints; 0 keeps all
@@ -226,6 +227,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     if config[key] < 0:
       raise ConfigError(f"config key {key!r} must be >= 0, got {config[key]}")
   positive("prefetch_batches")
+  profile_range(config.profile_steps)
   for key in ("checkpoint_every_steps", "checkpoint_keep", "checkpoint_keep_every_steps"):
     if config[key] < 0:
       raise ConfigError(f"config key {key!r} must be >= 0, got {config[key]}")
@@ -233,6 +235,19 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     precision.check_config(config)
   except ValueError as e:
     raise ConfigError(str(e)) from None
+
+
+def profile_range(text: str) -> tuple[int, int]:
+  """`profile_steps` "A:B" -> (A, B), the trace covering steps A+1..B; "" -> (-1, -1)."""
+  if not text:
+    return -1, -1
+  try:
+    start, stop = (int(x) for x in text.split(":"))
+  except ValueError:
+    start = stop = -1
+  if not 0 <= start < stop:
+    raise ConfigError(f"config key 'profile_steps': {text!r} is not 'A:B' with 0 <= A < B")
+  return start, stop
 
 
 def to_json(config: ml_collections.ConfigDict) -> str:

@@ -16,7 +16,7 @@ import numpy as np
 
 from jaxscale import batching, checkpoint, config as config_lib
 from jaxscale import data, models, optim, precision, step as step_lib
-from jaxscale import distributed
+from jaxscale import distributed, xla_flags
 from jaxscale.config import ConfigError
 from jaxscale.mesh import create_mesh, data_axes
 from jaxscale.metrics import MetricsWriter, Progress, log
@@ -178,9 +178,12 @@ def run(config, workdir: str) -> dict:
   preemption = checkpoint.PreemptionWatch(mesh)
   guard = precision.NonFiniteGuard(config.max_nonfinite_steps)
   noise_scale = batching.NoiseScale()
+  profile_start, profile_stop = config_lib.profile_range(config.profile_steps)
   interval_start, interval_examples = time.time(), 0
   step, size = steps_done, None
   while step < total_steps:
+    if step == profile_start:
+      jax.profiler.start_trace(os.path.join(workdir, "profile"))
     size, previous_size = batches.size_at(loader.position), size
     learning_rate = learning_rate_for(config, size) * float(lr_shape(loader.position))
     batch = runner.put_batch(loader.next_batch(size))
@@ -209,6 +212,11 @@ def run(config, workdir: str) -> dict:
       progress.update(step, event)
       interval_start, interval_examples = now, 0
     steps_done = step
+    if step == profile_stop:
+      jax.block_until_ready(state)
+      jax.profiler.stop_trace()
+      if is_main:
+        log(f"profile of steps {profile_start + 1}-{profile_stop} in {workdir}/profile")
     if checkpoints.is_due(steps_done):
       if not guard.flush():
         break
@@ -261,6 +269,10 @@ def main(argv: list[str] | None = None) -> None:
   try:
     distributed.initialize()  # first: a multi-process run is joined before anything uses JAX
     config = config_lib.load(args.config, overrides)
+    # Before JAX starts its backend: XLA reads these flags once.
+    gpu_flags = xla_flags.apply_gpu_overlap_flags() if config.xla_gpu_overlap else []
+    if gpu_flags:
+      log(f"XLA flags for all-reduce overlap on GPU: {' '.join(gpu_flags)}")
     run(config, args.workdir)
   except precision.NonFiniteError as e:
     print(f"jaxscale-train: error: {e}", file=sys.stderr)

@@ -88,3 +88,20 @@ def test_short_run_learns_and_writes_outputs(tmp_path, tfds_dir):
   assert proc.returncode == 2
   assert "holds a run of a different config (keys differ: learning_rate)" in proc.stderr
   assert (workdir / "metrics.jsonl").read_text() == before
+
+
+def test_profile_steps_writes_a_trace(tmp_path):
+  from jaxscale import config as config_lib
+  config = config_lib.load(QUICKSTART, [
+      "dataset=synthetic", "image_size=8", "synthetic_num_train_examples=64",
+      "synthetic_num_eval_examples=16", "eval_batch_size=16", "global_batch_size=16",
+      "num_train_steps=4", "profile_steps=1:3", "progress_bar=off"])
+  train.run(config, str(tmp_path))
+  traces = [f for _, _, files in os.walk(tmp_path / "profile") for f in files]
+  assert any(f.endswith((".xplane.pb", ".trace.json.gz")) for f in traces), traces
+
+
+def test_bad_profile_steps_is_refused(tmp_path, capsys):
+  code, line = run_main(["--config", QUICKSTART, "--workdir", str(tmp_path / "w"),
+                         "--config.profile_steps=5:2"], capsys)
+  assert code == 2 and "config key 'profile_steps': '5:2' is not 'A:B'" in line
