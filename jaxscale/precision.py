@@ -127,6 +127,7 @@ class LossScale(flax.struct.PyTreeNode):
 
 
 def init_loss_scale(config: LossScaleConfig = NO_LOSS_SCALE) -> LossScale:
+  """The scaler's state at step 0: `config.initial`, no finite or skipped steps yet."""
   return LossScale(scale=jnp.asarray(config.initial, jnp.float32),
                    finite_steps=jnp.zeros((), jnp.int32), skipped_steps=jnp.zeros((), jnp.int32))
 

@@ -9,6 +9,7 @@ import os
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 import numpy as np
 import optax
 import pytest
@@ -240,17 +241,20 @@ def test_default_scale_is_inside_float16_range():
 # --- Cross-device pieces. ------------------------------------------------------------------------
 
 def test_half_precision_mean_does_not_overflow_where_the_terms_fit():
-  """8 x 10000 overflows float16 (max 65504) if summed first; the mean is 10000."""
-  mesh = mesh_lib.create_mesh("data", jax.devices())
+  """8 x 10000 overflows float16 (max 65504) if summed first; the mean is 10000.
+
+  Under `vmap` the named-axis sum really runs in float16 on a CPU (the CPU's all-reduce would
+  compute in float32 and hide an overflow that a GPU's float16 NCCL sum would hit).
+  """
   values = np.full((8, 3), 10000.0, np.float32)
   values[:, 1] = np.arange(8) * 1000.0
 
-  @jax.jit
-  @functools.partial(jax.shard_map, mesh=mesh, in_specs=jax.P("data"), out_specs=jax.P("data"))
-  def mean(x):
-    return allreduce.mean_gradients(x, ("data",), "flat", jnp.float16)
+  def mean(reduce):
+    return np.asarray(jax.jit(jax.vmap(reduce, axis_name="data"))(values))
 
-  out = np.asarray(mean(values))
+  sum_first = mean(lambda g: lax.pmean(g.astype(jnp.float16), "data").astype(jnp.float32))
+  assert np.isinf(sum_first[:, 0]).all()  # what the test guards against
+  out = mean(lambda g: allreduce.mean_gradients(g, ("data",), "flat", jnp.float16))
   np.testing.assert_allclose(out, np.broadcast_to(values.mean(0), out.shape), rtol=1e-3)
 
 
