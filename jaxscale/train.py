@@ -202,7 +202,9 @@ def run(config, workdir: str) -> dict:
                "examples_per_sec": interval_examples / (now - interval_start),
                "wall_time": now - start_time, "loss_scale": float(metrics["loss_scale"]),
                "skipped_steps": int(metrics["skipped_steps"])}
-      if num_devices > 1:  # B_simple from per-device against all-reduced gradient norms
+      # B_simple from per-device against all-reduced gradient norms; a skipped (non-finite)
+      # step's norms would poison the running averages for good.
+      if num_devices > 1 and metrics["finite"]:
         event["noise_scale"] = noise_scale.update(*batching.noise_scale_terms(
             float(metrics["grad_sq_norm_local"]), float(metrics["grad_sq_norm_global"]),
             size // num_devices, size))
