@@ -11,7 +11,8 @@ overlaps the other K - 1), timed until the write is committed and the state is r
 the four variants alternate, in a rotating order, over many rounds, so that the load of a shared
 machine falls on all of them alike; the script prints each one's median time per step and its
 ratio to `none` (with the quartiles, to show the noise), and the same for each one's best
-period, the one least disturbed by other load.
+period, the one least disturbed by other load; then each one's CPU time per step (all threads)
+and how long a save() call blocks the loop.
 Goal: async <= 1.05.
 
   python benchmarks/checkpoint.py                   # resnet18 small stem, 32x32x3, batch 8, K=5
@@ -75,30 +76,38 @@ def main() -> None:
   ckpts = {v: checkpoint.Checkpoints(os.path.join(root, v), config_json, every_steps=args.every,
                                      keep=3, async_save=v == "async") for v in ("async", "sync")}
   steps_done = {v: 0 for v in VARIANTS}
+  save_calls = {v: [] for v in ckpts}  # seconds each save() call blocked the loop
 
-  def period(variant: str) -> float:
-    """Seconds per step over one save period of `variant`, its write committed."""
+  def period(variant: str) -> tuple[float, float]:
+    """(wall, CPU) seconds per step over one save period of `variant`, its write committed."""
     jax.block_until_ready(state[0])
-    start = time.perf_counter()
+    start, start_cpu = time.perf_counter(), time.process_time()
     for i in range(args.every):
       step = steps_done[variant] = steps_done[variant] + 1
       state[0], _ = runner.train_step(state[0], runner.put_batch(batches[step % len(batches)]),
                                       0.01)
       if variant in ckpts and i == 0:
+        call = time.perf_counter()
         ckpts[variant].save(step, runner.global_state(state[0]), {"data": {"position": step}})
+        save_calls[variant].append(time.perf_counter() - call)
       if variant != "none" and watch.stop_requested():
         raise RuntimeError("preempted during the benchmark")
     if variant in ckpts:
       ckpts[variant].wait()
     jax.block_until_ready(state[0])
-    return (time.perf_counter() - start) / args.every
+    return ((time.perf_counter() - start) / args.every,
+            (time.process_time() - start_cpu) / args.every)
 
   for variant in VARIANTS:  # compile, warm up, first saves
     period(variant)
-  times = {v: [] for v in VARIANTS}
+  for calls in save_calls.values():
+    calls.clear()
+  times, cpu = {v: [] for v in VARIANTS}, {v: [] for v in VARIANTS}
   for r in range(args.rounds):
     for variant in VARIANTS[r % 4:] + VARIANTS[:r % 4]:  # rotate: no variant always goes first
-      times[variant].append(period(variant))
+      wall_s, cpu_s = period(variant)
+      times[variant].append(wall_s)
+      cpu[variant].append(cpu_s)
   for c in ckpts.values():
     c.close()
   watch.close()
@@ -118,6 +127,11 @@ def main() -> None:
           f"best {best[variant] * 1e3:7.1f} ms/step, ratio {best[variant] / best['none']:.3f}")
   print(f"goal: async <= 1.05 (median ratio {median['async'] / median['none']:.3f}, best-period "
         f"ratio {best['async'] / best['none']:.3f})")
+  for variant in VARIANTS:
+    extra = (f", save() blocks {statistics.median(save_calls[variant]) * 1e3:.1f} ms (median)"
+             if variant in save_calls else "")
+    print(f"{variant:6s} CPU time of the process {statistics.median(cpu[variant]) * 1e3:7.1f} "
+          f"ms/step (median){extra}")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Checkpoints in one process: elastic restore, retention, integrity errors, the preemption flag.
 
-Time budget: 20 s on a 2-core CPU. tests/test_resume.py runs the trainer itself (kill, resume,
+Time budget: 25 s on a 2-core CPU. tests/test_resume.py runs the trainer itself (kill, resume,
 preemption, processes, export).
 """
 import hashlib
@@ -143,7 +143,8 @@ def test_mismatched_model_or_config_is_one_clear_error(tmp_path, trained):
     ckpts.restore_latest(other.global_state(other.init_state(jax.random.key(0))))
   message = str(error.value)
   assert message.startswith(f"checkpoint {path} does not match this run's state: ")
-  assert "differ: batch_stats/BatchNorm_0/mean (checkpoint (4,) float32, run (8,) float32)" in message
+  assert ("differ: batch_stats/BatchNorm_0/mean (checkpoint (4,) float32, run (8,) float32)"
+          in message)
   assert "\n" not in message
 
   changed = defaults()
