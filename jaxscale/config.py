@@ -81,6 +81,9 @@ def defaults() -> ml_collections.ConfigDict:
   c.seed = 0
   c.log_every_steps = 50
   c.progress_bar = "auto"  # "auto" (only on a terminal), "on" or "off"
+  # XLA's persistent compilation cache: a rerun, a resume or a returning batch size skips
+  # compiling; "" turns it off.
+  c.compilation_cache_dir = "~/.cache/jaxscale/xla"
   c.profile_steps = ""  # "A:B": a JAX profiler trace of steps A+1..B in workdir/profile
   # Checkpoints in workdir/checkpoints (docs/checkpoints.md); the final step is always saved.
   c.checkpoint_every_steps = 1000  # 0: only the final save (and one on preemption)

@@ -6,6 +6,7 @@ Read top to bottom, one run is: config -> mesh -> input -> model and optimizer -
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -155,11 +156,15 @@ def run(config, workdir: str) -> dict:
       every_steps=config.checkpoint_every_steps, keep=config.checkpoint_keep,
       keep_every_steps=config.checkpoint_keep_every_steps, async_save=config.checkpoint_async)
   steps_done = 0
+  noise_scale = batching.NoiseScale()
   restored = checkpoints.restore_latest(runner.global_state(state))
   if restored:
     state, steps_done = runner.from_global_state(restored[0]), restored[1]["step"]
     loader.set_state(restored[1]["data"])
     batches.restore(restored[1].get("batch_schedule", {}))
+    noise_scale = batching.NoiseScale(**restored[1].get("noise_scale", {}))
+    if config.num_train_steps <= 0:  # an adaptive schedule may have grown the batch
+      total_steps = steps_done + batches.num_steps(loader.position, total_examples)
     if is_main:
       log(f"resumed from {checkpoints.path(steps_done)} (epoch {loader.epoch:.2f})")
 
@@ -170,14 +175,13 @@ def run(config, workdir: str) -> dict:
   def host_state():  # what a checkpoint holds besides the TrainState
     return {"data": loader.get_state(), "seed": config.seed, "model": model_info,
             "global_batch_size": batches.size_at(loader.position),
-            "batch_schedule": batches.state()}
+            "batch_schedule": batches.state(), "noise_scale": dataclasses.asdict(noise_scale)}
 
   # Training loop.
   writer = MetricsWriter(workdir, enabled=is_main)
   progress = Progress(total_steps, config.progress_bar, enabled=is_main, start_step=steps_done)
   preemption = checkpoint.PreemptionWatch(mesh)
   guard = precision.NonFiniteGuard(config.max_nonfinite_steps)
-  noise_scale = batching.NoiseScale()
   profile_start, profile_stop = config_lib.profile_range(config.profile_steps)
   interval_start, interval_examples = time.time(), 0
   step, size = steps_done, None
@@ -275,6 +279,9 @@ def main(argv: list[str] | None = None) -> None:
     gpu_flags = xla_flags.apply_gpu_overlap_flags() if config.xla_gpu_overlap else []
     if gpu_flags:
       log(f"XLA flags for all-reduce overlap on GPU: {' '.join(gpu_flags)}")
+    if config.compilation_cache_dir:
+      jax.config.update("jax_compilation_cache_dir",
+                        os.path.expanduser(config.compilation_cache_dir))
     run(config, args.workdir)
   except precision.NonFiniteError as e:
     print(f"jaxscale-train: error: {e}", file=sys.stderr)
