@@ -175,7 +175,7 @@ def _coerce(name: str, value: Any, default: Any) -> Any:
 
 def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
   """Rejects bad values before anything compiles. Raises ConfigError naming the key."""
-  from jaxscale import data, models, precision  # deferred: they import heavy dependencies
+  from jaxscale import batching, data, models, precision  # deferred: heavy, or import this
 
   def positive(key):
     if not config[key] > 0:
@@ -230,6 +230,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     if config[key] < 0:
       raise ConfigError(f"config key {key!r} must be >= 0, got {config[key]}")
   positive("prefetch_batches")
+  batching.create(config, num_examples=1, multiple=num_devices)  # raises for a bad schedule
   profile_range(config.profile_steps)
   for key in ("checkpoint_every_steps", "checkpoint_keep", "checkpoint_keep_every_steps"):
     if config[key] < 0:
