@@ -108,7 +108,9 @@ def assert_same_training(workdir, out, reference):
 
 
 def test_two_processes_hosts_mesh_equal_single_process(tmp_path, jit_cache, reference):
-  workdir, out, logs = launch(tmp_path, jit_cache, 2, 2, extra=["mesh=hosts"])
+  # Hierarchical all-reduce across the two processes against the flat single-process reference.
+  workdir, out, logs = launch(tmp_path, jit_cache, 2, 2, extra=["mesh=hosts",
+                                                               "allreduce=hierarchical"])
   assert_same_training(workdir, out, reference)
   infos = process_info(out, 2)
   for info in infos:  # hosts x local: row p holds exactly the devices of process p
