@@ -19,3 +19,12 @@ def tfds_dir(tmp_path_factory):
   path = str(tmp_path_factory.mktemp("tfds"))
   fashion_mnist.prepare("/usr/share/datasets/fashion-mnist", path)
   return path
+
+
+def run_main(args, capsys):
+  """Runs `jaxscale-train` in-process; returns (exit status, last stderr line)."""
+  from jaxscale import train
+  with pytest.raises(SystemExit) as exit_info:
+    train.main(args)
+  err = capsys.readouterr().err.strip().splitlines()
+  return exit_info.value.code, err[-1] if err else ""

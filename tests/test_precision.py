@@ -16,6 +16,7 @@ import pytest
 
 from jaxscale import allreduce, config as config_lib, mesh as mesh_lib, models, precision
 from jaxscale import step as step_lib, train
+from conftest import run_main
 
 QUICKSTART = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                           "configs", "quickstart.py")
@@ -139,13 +140,6 @@ def test_parse_policy(text, expected):
   assert (policy.param_dtype, policy.compute_dtype, policy.output_dtype) == expected
   assert precision.parse_policy(str(policy)) == policy
   assert policy.needs_loss_scale == (F16 in expected)
-
-
-def run_main(args, capsys):
-  with pytest.raises(SystemExit) as exit_info:
-    train.main(args)
-  err = capsys.readouterr().err.strip().splitlines()
-  return exit_info.value.code, err[-1] if err else ""
 
 
 @pytest.mark.parametrize("override, message", [

@@ -7,16 +7,10 @@ import sys
 import pytest
 
 from jaxscale import train
+from conftest import run_main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICKSTART = os.path.join(ROOT, "configs", "quickstart.py")
-
-
-def run_main(args, capsys):
-  with pytest.raises(SystemExit) as exit_info:
-    train.main(args)
-  err = capsys.readouterr().err.strip().splitlines()
-  return exit_info.value.code, err[-1] if err else ""
 
 
 @pytest.mark.parametrize("override, message", [
