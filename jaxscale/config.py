@@ -199,6 +199,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
   if config.allreduce not in ("flat", "hierarchical"):
     raise ConfigError(f"config key 'allreduce': unknown {config.allreduce!r}; known: flat, "
                       f"hierarchical")
+  if config.parallelism == "pmap" and config.mesh != "data":
+    raise ConfigError("config key 'mesh': parallelism='pmap' supports only mesh='data'")
   if config.allreduce == "hierarchical" and (config.mesh == "data" or
                                              config.parallelism == "pmap"):
     raise ConfigError("config key 'allreduce': 'hierarchical' needs a 2-D mesh (mesh='hosts' "
@@ -226,15 +228,13 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     for key in ("synthetic_num_classes", "synthetic_num_train_examples",
                 "synthetic_num_eval_examples"):
       positive(key)
-  for key in ("image_size", "data_workers"):
+  for key in ("image_size", "data_workers", "checkpoint_every_steps", "checkpoint_keep",
+              "checkpoint_keep_every_steps"):
     if config[key] < 0:
       raise ConfigError(f"config key {key!r} must be >= 0, got {config[key]}")
   positive("prefetch_batches")
   batching.create(config, num_examples=1, multiple=num_devices)  # raises for a bad schedule
   profile_range(config.profile_steps)
-  for key in ("checkpoint_every_steps", "checkpoint_keep", "checkpoint_keep_every_steps"):
-    if config[key] < 0:
-      raise ConfigError(f"config key {key!r} must be >= 0, got {config[key]}")
   try:
     precision.check_config(config)
   except ValueError as e:

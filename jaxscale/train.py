@@ -83,8 +83,6 @@ def run(config, workdir: str) -> dict:
   axes = data_axes(mesh)
   num_devices = mesh.size
   config_lib.validate(config, num_devices)
-  if config.parallelism == "pmap" and axes != ("data",):
-    raise ConfigError("config key 'mesh': parallelism='pmap' supports only mesh='data'")
   if config.parallelism == "pmap" and jax.process_count() > 1:  # its reductions stay in-process
     raise ConfigError("config key 'parallelism': 'pmap' runs on one process only; use shard_map")
 

@@ -96,3 +96,10 @@ def test_profile_steps_writes_a_trace(tmp_path):
   train.run(config, str(tmp_path))
   traces = [f for _, _, files in os.walk(tmp_path / "profile") for f in files]
   assert any(f.endswith((".xplane.pb", ".trace.json.gz")) for f in traces), traces
+
+
+def test_pmap_needs_the_1d_mesh(tmp_path, capsys):
+  code, line = run_main(["--config", QUICKSTART, "--workdir", str(tmp_path / "w"),
+                         "--config.parallelism=pmap", "--config.mesh=2x4"], capsys)
+  assert code == 2 and "config key 'mesh': parallelism='pmap' supports only mesh='data'" in line
+  assert not (tmp_path / "w").exists()
