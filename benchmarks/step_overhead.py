@@ -7,6 +7,8 @@ prints the ratio of median step times (jaxscale / reference). Goal: <= 1.05.
 
   python benchmarks/step_overhead.py                        # 1 device, resnet8, 28x28, batch 128
   XLA_FLAGS=--xla_force_host_platform_device_count=8 python benchmarks/step_overhead.py --devices 8
+  python benchmarks/step_overhead.py --model resnet50 --image-size 224 --channels 3 \
+      --num-classes 1000 --global-batch 256 --precision bf16     # one GPU
 """
 from __future__ import annotations
 
@@ -20,21 +22,22 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxscale import mesh as mesh_lib, models, step as step_lib
+from jaxscale import mesh as mesh_lib, models, precision, step as step_lib
 
 MEAN, STD = (127.5,), (64.0,)
 
 
-def reference_step(model, tx):
+def reference_step(model, tx, compute_dtype):
   """The hand-written step: plain jit, no shard_map, no explicit reductions."""
   @functools.partial(jax.jit, donate_argnums=(0, 1, 2))
   def train_step(params, batch_stats, opt_state, images, labels):
-    x = (images.astype(jnp.float32) - MEAN[0]) / STD[0]
+    x = ((images.astype(jnp.float32) - MEAN[0]) / STD[0]).astype(compute_dtype)
 
     def loss_fn(p):
       logits, new = model.apply({"params": p, "batch_stats": batch_stats}, x, train=True,
                                 mutable=["batch_stats"])
-      loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+      loss = optax.softmax_cross_entropy_with_integer_labels(
+          logits.astype(jnp.float32), labels).mean()
       return loss, new["batch_stats"]
 
     (loss, new_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
@@ -58,7 +61,10 @@ def main() -> None:
   parser.add_argument("--model", default="resnet8")
   parser.add_argument("--image-size", type=int, default=28)
   parser.add_argument("--channels", type=int, default=1)
+  parser.add_argument("--num-classes", type=int, default=10)
   parser.add_argument("--global-batch", type=int, default=128)
+  parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
+                      help="fp16 would need loss scaling in the reference too")
   parser.add_argument("--devices", type=int, default=1)
   parser.add_argument("--steps", type=int, default=20, help="timed steps per round")
   parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds")
@@ -69,7 +75,9 @@ def main() -> None:
   shape = (args.image_size, args.image_size, args.channels)
   rng = np.random.default_rng(0)
   images = rng.integers(0, 256, (args.global_batch, *shape), dtype=np.uint8)
-  labels = rng.integers(0, 10, args.global_batch).astype(np.int32)
+  labels = rng.integers(0, args.num_classes, args.global_batch).astype(np.int32)
+  stem = "small" if args.image_size <= 64 else "imagenet"  # train.py's stem='auto' rule
+  dtype = precision.parse_policy(args.precision).compute_dtype
   lr = 0.1
 
   def make_optimizer(learning_rate):
@@ -77,9 +85,10 @@ def main() -> None:
                        optax.sgd(learning_rate, momentum=0.9, nesterov=True))
 
   # jaxscale: the trainer's own runner.
-  model = models.create_model(args.model, num_classes=10, stem="small", bn_axis_name="data")
+  model = models.create_model(args.model, num_classes=args.num_classes, stem=stem, dtype=dtype,
+                              bn_axis_name="data")
   spec = step_lib.StepSpec(model=model, make_optimizer=make_optimizer, axes=("data",),
-                           mean=MEAN, std=STD)
+                           mean=MEAN, std=STD, compute_dtype=dtype)
   runner = step_lib.shard_map_runner(
       spec, mesh, lambda r: step_lib.create_train_state(model, make_optimizer, r, shape))
   state = [runner.init_state(jax.random.key(0))]
@@ -90,7 +99,8 @@ def main() -> None:
     return metrics
 
   # Reference: the same model without cross-replica BN (jit sees the global batch anyway).
-  plain_model = models.create_model(args.model, num_classes=10, stem="small")
+  plain_model = models.create_model(args.model, num_classes=args.num_classes, stem=stem,
+                                    dtype=dtype)
   tx = make_optimizer(lr)
   variables = plain_model.init(jax.random.key(0), jnp.zeros((1, *shape)), train=False)
   replicated = mesh_lib.replicated(mesh)
@@ -99,7 +109,7 @@ def main() -> None:
          jax.device_put(tx.init(variables["params"]), replicated)]
   sharding = mesh_lib.batch_sharding(mesh)
   ref_images, ref_labels = jax.device_put(images, sharding), jax.device_put(labels, sharding)
-  plain_step = reference_step(plain_model, tx)
+  plain_step = reference_step(plain_model, tx, dtype)
 
   def reference():
     params, batch_stats, opt_state, loss = plain_step(*ref, ref_images, ref_labels)
@@ -113,8 +123,8 @@ def main() -> None:
     ours.append(time_steps(jaxscale_step, args.steps))
     theirs.append(time_steps(reference, args.steps))
   ours_s, ref_s = statistics.median(ours), statistics.median(theirs)
-  print(f"{args.model} {shape} global batch {args.global_batch} on {len(devices)} "
-        f"{devices[0].platform} device(s), jax {jax.__version__}")
+  print(f"{args.model} {shape} {args.precision} global batch {args.global_batch} on "
+        f"{len(devices)} x {devices[0].device_kind}, jax {jax.__version__}")
   print(f"jaxscale step   {ours_s * 1e3:8.2f} ms (median of {args.rounds} rounds x {args.steps})")
   print(f"reference step  {ref_s * 1e3:8.2f} ms")
   print(f"ratio jaxscale / reference: {ours_s / ref_s:.3f}  (goal <= 1.05)")

@@ -1,0 +1,204 @@
+"""Test accuracy against global batch size on Fashion-MNIST, at a fixed epoch budget.
+
+The records' claim at small scale: plain SGD with linear learning-rate scaling loses accuracy
+as the batch grows, layer-wise adaptive rates (LARS, LAMB) and batch growth keep it. Every run
+is `jaxscale.train` on the quickstart recipe (configs/quickstart.py: resnet8, Fashion-MNIST)
+with the same epoch budget and schedule shape (linear warm-up, then polynomial decay of power 2,
+the MLPerf LARS form), in its own process; runs go `--jobs` at a time.
+
+Methods; the learning rate follows the scaling rule from a reference point, and each cell is
+the best of `--lr-factors` times that rate (a small sweep, reported with the rate it chose):
+  sgd          SGD-Nesterov, weight decay 5e-4, linear scaling from 0.2 at batch 128
+               (Goyal et al., arXiv 1706.02677)
+  lars         LARS (trust coefficient 0.001, momentum 0.9, weight decay 5e-4),
+               square-root scaling from 4.0 at batch 4,096 (You et al., arXiv 1708.03888)
+  lamb         LAMB (weight decay 0.01), square-root scaling from 0.01 at batch 4,096
+               (You et al., arXiv 1904.00962)
+  lars_growth  lars, but half the batch for the first third of the epochs (Sony's batch-size
+               control, Mikami et al., arXiv 1811.05233); the rate follows the rule per stage
+
+  python benchmarks/large_batch.py --jobs 8                           # one GPU: the full grid
+  python benchmarks/large_batch.py --sizes 128,4096 --methods sgd,lars --epochs 1   # a check
+  python benchmarks/large_batch.py --report                           # table + plot from jsonl
+
+It appends one JSON line per run to `--out-dir`/large_batch.jsonl, then writes the table
+(large_batch.md) and, when matplotlib is installed, the plot (large_batch.png).
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+QUICKSTART = os.path.join(ROOT, "configs", "quickstart.py")
+METHODS = ("sgd", "lars", "lamb", "lars_growth")
+
+
+def method_overrides(method: str, size: int, lr_factor: float, epochs: float) -> dict:
+  """Config overrides for one run: `method` at global batch `size`."""
+  common = {"num_epochs": epochs, "global_batch_size": size, "lr_schedule.name": "poly",
+            "lr_schedule.power": 2.0, "lr_schedule.warmup_epochs": min(1.0, epochs / 4)}
+  if method == "sgd":
+    return {**common, "optimizer.name": "sgd", "optimizer.weight_decay": 5e-4,
+            "learning_rate": 0.2 * lr_factor, "reference_batch_size": 128,
+            "lr_scaling": "linear"}
+  lars = {**common, "optimizer.name": "lars", "optimizer.weight_decay": 5e-4,
+          "optimizer.trust_coefficient": 0.001, "learning_rate": 4.0 * lr_factor,
+          "reference_batch_size": 4096, "lr_scaling": "sqrt"}
+  if method == "lars":
+    return lars
+  if method == "lars_growth":
+    return {**lars, "batch_schedule": f"0:{size // 2},{epochs / 3:g}:{size}"}
+  if method == "lamb":
+    return {**common, "optimizer.name": "lamb", "optimizer.weight_decay": 0.01,
+            "learning_rate": 0.01 * lr_factor, "reference_batch_size": 4096,
+            "lr_scaling": "sqrt"}
+  raise ValueError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
+
+
+def train(run: dict, workdir: str, extra: list[str], timeout: float) -> dict:
+  """One `jaxscale.train` process; returns `run` with its eval accuracy and train loss."""
+  args = [sys.executable, "-m", "jaxscale.train", f"--config={QUICKSTART}",
+          f"--workdir={workdir}", "--config.progress_bar=off", "--config.log_every_steps=10",
+          "--config.checkpoint_every_steps=0",
+          *(f"--config.{k}={v}" for k, v in run["overrides"].items()), *extra]
+  env = dict(os.environ, PYTHONUNBUFFERED="1", XLA_PYTHON_CLIENT_PREALLOCATE="false")
+  start = time.time()
+  proc = subprocess.run(args, env=env, cwd=ROOT, capture_output=True, text=True,
+                        timeout=timeout)
+  result = {**run, "wall_s": round(time.time() - start, 1)}
+  if proc.returncode:
+    return {**result, "error": f"exit {proc.returncode}: {proc.stderr.strip()[-500:]}"}
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    events = [json.loads(line) for line in f]
+  last_train = [e for e in events if e["split"] == "train"][-1]
+  return {**result, "accuracy": events[-1]["accuracy"], "train_loss": last_train["loss"],
+          "steps": events[-1]["step"], "peak_lr": max(
+              e["learning_rate"] for e in events if e["split"] == "train")}
+
+
+def plan(methods: list[str], sizes: list[int], factors: list[float], epochs: float) -> list[dict]:
+  """Every run, the first factor of every cell before any cell's second: a run cut short by
+  the deadline loses sweep points, not whole cells."""
+  runs = []
+  for factor in factors:
+    for method in methods:
+      for size in sizes:
+        if method == "lars_growth" and size < 1024:
+          continue  # growth is for the large batches
+        runs.append({"method": method, "global_batch_size": size, "lr_factor": factor,
+                     "epochs": epochs,
+                     "overrides": method_overrides(method, size, factor, epochs)})
+  return runs
+
+
+def best_per_cell(results: list[dict]) -> dict[tuple[str, int], dict]:
+  best = {}
+  for r in results:
+    key = (r["method"], r["global_batch_size"])
+    if "accuracy" in r and (key not in best or r["accuracy"] > best[key]["accuracy"]):
+      best[key] = r
+  return best
+
+
+def report(results: list[dict], out_dir: str) -> str:
+  """The markdown table (best of the sweep per cell) and, with matplotlib, the plot."""
+  best = best_per_cell(results)
+  methods = [m for m in METHODS if any(k[0] == m for k in best)]
+  sizes = sorted({k[1] for k in best})
+  baseline = best.get(("sgd", min(sizes))) if sizes else None
+  epochs = results[0]["epochs"] if results else 0
+  lines = [f"Fashion-MNIST test accuracy, resnet8, {epochs:g} epochs at every batch size; each "
+           "cell the best of its learning-rate sweep (peak rate in brackets); "
+           + (f"baseline: sgd at batch {min(sizes)}, {100 * baseline['accuracy']:.2f}%."
+              if baseline else "no baseline run."), "",
+           "| global batch | steps/epoch | " + " | ".join(methods) + " |",
+           "|---|---|" + "---|" * len(methods)]
+  for size in sizes:
+    cells = []
+    for m in methods:
+      r = best.get((m, size))
+      cells.append("-" if r is None else
+                   f"{100 * r['accuracy']:.2f}% ({r['peak_lr']:.3g})")
+    lines.append(f"| {size:,} | {60000 / size:.1f} | " + " | ".join(cells) + " |")
+  failed = [r for r in results if "error" in r]
+  if failed:
+    lines += ["", f"{len(failed)} runs failed: " + "; ".join(
+        f"{r['method']} {r['global_batch_size']} x{r['lr_factor']:g}: {r['error'][-120:]}"
+        for r in failed[:5])]
+  text = "\n".join(lines) + "\n"
+  with open(os.path.join(out_dir, "large_batch.md"), "w") as f:
+    f.write(text)
+  try:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+  except ImportError:
+    return text + "\n(no plot: matplotlib is not installed)\n"
+  fig, ax = plt.subplots(figsize=(6.4, 4.0))
+  for m in methods:
+    points = sorted((s, 100 * r["accuracy"]) for (mm, s), r in best.items() if mm == m)
+    ax.plot(*zip(*points), marker="o", label=m)
+  if baseline:
+    ax.axhline(100 * baseline["accuracy"] - 1, color="grey", ls=":", lw=1,
+               label="baseline - 1 point")
+  ax.set_xscale("log", base=2)
+  ax.set_xlabel("global batch size")
+  ax.set_ylabel("test accuracy (%)")
+  ax.set_ylim(bottom=max(0.0, ax.get_ylim()[0]))
+  ax.set_title(f"Fashion-MNIST, resnet8, {epochs:g} epochs")
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(os.path.join(out_dir, "large_batch.png"), dpi=120)
+  return text
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--methods", default=",".join(METHODS))
+  parser.add_argument("--sizes", default="128,1024,4096,8192,16384")
+  parser.add_argument("--lr-factors", default="1,0.5,2",
+                      help="multiples of each method's scaled rate, in the order they are run")
+  parser.add_argument("--epochs", type=float, default=6.0)
+  parser.add_argument("--jobs", type=int, default=1, help="runs at a time")
+  parser.add_argument("--deadline", type=float, default=0,
+                      help="seconds: start no run after this (0: no limit)")
+  parser.add_argument("--timeout", type=float, default=3600, help="seconds per run")
+  parser.add_argument("--out-dir", default=os.path.join(ROOT, "benchmarks", "results"))
+  parser.add_argument("--report", action="store_true", help="only redo table and plot")
+  args, extra = parser.parse_known_args()  # extra: --config.key=value for every run
+  os.makedirs(args.out_dir, exist_ok=True)
+  log_path = os.path.join(args.out_dir, "large_batch.jsonl")
+
+  if not args.report:
+    runs = plan(args.methods.split(","), [int(s) for s in args.sizes.split(",")],
+                [float(f) for f in args.lr_factors.split(",")], args.epochs)
+    from jaxscale import config as config_lib, data  # convert Fashion-MNIST once, up front
+    data.load_dataset(config_lib.load(QUICKSTART, [e[len("--config."):] for e in extra]))
+    start = time.time()
+    with tempfile.TemporaryDirectory() as tmp, open(log_path, "a") as log, \
+        concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
+      def job(i: int, run: dict) -> dict | None:
+        if args.deadline and time.time() - start > args.deadline:
+          return None
+        return train(run, os.path.join(tmp, str(i)), extra, args.timeout)
+      futures = [pool.submit(job, i, run) for i, run in enumerate(runs)]
+      for future in concurrent.futures.as_completed(futures):  # written as each one ends
+        result = future.result()
+        if result is not None:
+          log.write(json.dumps(result) + "\n")
+          log.flush()
+          print(json.dumps(result), flush=True)
+  with open(log_path) as f:
+    results = [json.loads(line) for line in f]
+  print(report(results, args.out_dir))
+
+
+if __name__ == "__main__":
+  main()
