@@ -10,6 +10,10 @@ epochs, the learning-rate schedule and the batch schedule agree whatever the bat
 - `"adaptive"`: start at `global_batch_size` and double whenever the measured gradient noise
   scale B_simple exceeds the current batch (McCandlish et al., arXiv 1812.06162), up to
   `max_global_batch_size`.
+
+Gradient accumulation splits each device's batch into k micro-batches (`accum_steps`): k is
+`grad_accum_steps`, or the smallest k that brings the per-device batch within
+`max_per_device_batch`.
 """
 from __future__ import annotations
 
@@ -77,14 +81,53 @@ class BatchSchedule:
     self.current = int(state.get("current_global_batch_size", 0))
 
 
-def create(config, num_examples: int, multiple: int) -> BatchSchedule:
-  """The schedule of `config.batch_schedule`, checked: one ConfigError naming the key."""
+def accum_steps(per_device_batch: int, grad_accum_steps: int, max_per_device_batch: int) -> int:
+  """How many micro-batches a device's batch of `per_device_batch` examples is split into.
+
+  `grad_accum_steps` > 1 fixes k (it must divide the batch); else `max_per_device_batch` > 0
+  gives the smallest k that divides the batch into micro-batches of at most that many examples;
+  else 1. Raises a one-line ConfigError naming the key for a bad value, or both keys set.
+  """
+  _check_accum_keys(grad_accum_steps, max_per_device_batch)
+  if grad_accum_steps > 1:
+    if per_device_batch % grad_accum_steps:
+      raise ConfigError(f"config key 'grad_accum_steps': {grad_accum_steps} does not divide "
+                        f"the per-device batch of {per_device_batch}")
+    return grad_accum_steps
+  if max_per_device_batch:
+    return next(k for k in range(1, per_device_batch + 1)
+                if per_device_batch % k == 0 and per_device_batch // k <= max_per_device_batch)
+  return 1
+
+
+def _check_accum_keys(grad_accum_steps: int, max_per_device_batch: int) -> None:
+  if grad_accum_steps < 1:
+    raise ConfigError(f"config key 'grad_accum_steps' must be >= 1, got {grad_accum_steps}")
+  if max_per_device_batch < 0:
+    raise ConfigError(f"config key 'max_per_device_batch' must be >= 0 (0: no limit), "
+                      f"got {max_per_device_batch}")
+  if grad_accum_steps > 1 and max_per_device_batch:
+    raise ConfigError(f"config keys 'grad_accum_steps' ({grad_accum_steps}) and "
+                      f"'max_per_device_batch' ({max_per_device_batch}): set one, not both")
+
+
+def create(config, num_examples: int, num_devices: int) -> BatchSchedule:
+  """The schedule of `config.batch_schedule`, checked: one ConfigError naming the key.
+
+  With `grad_accum_steps` = k > 1 every size must be a multiple of `num_devices` x k.
+  """
   spec, initial = config.batch_schedule, config.global_batch_size
   key = "config key 'batch_schedule'"
+  _check_accum_keys(config.grad_accum_steps, config.max_per_device_batch)
+  multiple = num_devices * config.grad_accum_steps
+  factors = f"({num_devices} data-parallel devices x grad_accum_steps {config.grad_accum_steps})"
+  if spec in ("", "adaptive") and initial % multiple:
+    raise ConfigError(f"config key 'global_batch_size': {initial} is not a multiple of "
+                      f"{multiple} {factors}")
   if not spec:
     return BatchSchedule(num_examples, multiple, initial=initial)
   if spec == "adaptive":
-    if multiple < 2:
+    if num_devices < 2:
       raise ConfigError(f"{key}: 'adaptive' measures the gradient noise scale from per-device "
                         f"gradients and needs at least 2 data-parallel devices")
     maximum = config.max_global_batch_size
@@ -102,7 +145,7 @@ def create(config, num_examples: int, multiple: int) -> BatchSchedule:
                         f"'', 'adaptive' or e.g. '0:34816,30:69632'") from None
     if size <= 0 or size % multiple:
       raise ConfigError(f"{key}: batch size {size} of stage {stage!r} is not a positive "
-                        f"multiple of {multiple} (data-parallel devices x grad_accum_steps)")
+                        f"multiple of {multiple} {factors}")
     stages.append((start, size))
   if stages[0][0] != 0:
     raise ConfigError(f"{key}: the first stage must start at epoch 0, got {stages[0][0]}")

@@ -55,6 +55,11 @@ def defaults() -> ml_collections.ConfigDict:
   c.batch_schedule = ""
   c.batch_ramp = False  # stages: grow linearly between the points instead of jumping
   c.max_global_batch_size = 0  # adaptive: the largest global batch
+  # Gradient accumulation: each device's batch runs as k micro-batches (BatchNorm normalizes
+  # each on its own: ghost batches, README). k = grad_accum_steps, or automatic: the smallest k
+  # with micro-batches of at most max_per_device_batch examples (0: no limit). Set one of them.
+  c.grad_accum_steps = 1
+  c.max_per_device_batch = 0
   c.eval_batch_size = 1000  # global; the last eval batch is padded and the padding masked
   c.learning_rate = 0.1  # base rate at reference_batch_size
   c.lr_scaling = "none"  # "linear", "sqrt" or "none": how the rate follows the global batch
@@ -233,7 +238,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     if config[key] < 0:
       raise ConfigError(f"config key {key!r} must be >= 0, got {config[key]}")
   positive("prefetch_batches")
-  batching.create(config, num_examples=1, multiple=num_devices)  # raises for a bad schedule
+  # Raises for a bad batch schedule or accumulation key.
+  batching.create(config, num_examples=1, num_devices=num_devices)
   profile_range(config.profile_steps)
   try:
     precision.check_config(config)

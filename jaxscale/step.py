@@ -20,7 +20,7 @@ import optax
 from jax import lax
 from jax.sharding import Mesh, PartitionSpec as P
 
-from jaxscale import allreduce, mesh as mesh_lib, precision
+from jaxscale import allreduce, batching, mesh as mesh_lib, precision
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -61,7 +61,12 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float =
 
 @dataclasses.dataclass(frozen=True)
 class StepSpec:
-  """What the per-device steps need besides the state and the batch."""
+  """What the per-device steps need besides the state and the batch.
+
+  `grad_accum_steps` and `max_per_device_batch` give the number of micro-batches k of each
+  device's batch (`batching.accum_steps`), resolved per batch size when the step is traced;
+  `train_step` says what accumulation does to BatchNorm.
+  """
   model: Any
   make_optimizer: Callable[[Any], optax.GradientTransformation]  # learning rate -> optimizer
   axes: tuple[str, ...]  # mesh axes the batch is split over
@@ -74,6 +79,8 @@ class StepSpec:
   grad_allreduce_dtype: Any = jnp.float32  # gradients cross the devices in this dtype
   allreduce: str = "flat"  # or "hierarchical" on a (hosts x local) mesh (jaxscale/allreduce.py)
   loss_scale: precision.LossScaleConfig = precision.NO_LOSS_SCALE
+  grad_accum_steps: int = 1  # micro-batches per device's batch; 1: none
+  max_per_device_batch: int = 0  # > 0: the fewest micro-batches of at most this many examples
 
 
 def train_step(spec: StepSpec, state: TrainState, batch: dict, learning_rate: jax.Array):
@@ -82,20 +89,44 @@ def train_step(spec: StepSpec, state: TrainState, batch: dict, learning_rate: ja
   A step whose loss or gradients are non-finite on any device leaves params, opt_state and
   batch_stats as they were on every device (a select on the decision of `all_finite`, taken
   after the reduction) and backs the loss scale off.
+
+  Gradient accumulation (k > 1 micro-batches, see StepSpec): micro-batch i is rows
+  [i B/k, (i+1) B/k) of the device's B examples; a `lax.scan` runs one micro-batch's forward
+  and backward at a time and sums the gradients in float32, and their mean (the local batch's
+  gradient) goes through everything after (all-reduce, finite check, update) once. BatchNorm
+  sees ghost batches: micro-batch i is normalized with the statistics of micro-batch i over the
+  devices of its BN group, every micro-batch starts from the step's incoming batch_stats, and
+  the new running statistics are the mean of the k returned ones (flax's update is linear:
+  momentum * old + (1 - momentum) * the mean of the micro-batch statistics). The update is that
+  of one step on k times as many devices, with BN groups as large as this run's and the
+  running statistics averaged over all devices, where the devices of group i hold this run's
+  micro-batches i. The loss and accuracy are means over the micro-batches.
   """
-  images = normalize(batch["image"], spec.mean, spec.std, spec.compute_dtype)
-  labels = batch["label"]
   scale = state.loss_scale.scale
 
-  def loss_fn(params):
-    logits, new_vars = spec.model.apply(
-        {"params": params, "batch_stats": state.batch_stats}, images, train=True,
-        mutable=["batch_stats"])
-    loss = cross_entropy(logits.astype(spec.output_dtype), labels, spec.label_smoothing).mean()
-    return loss * scale, (loss, logits, new_vars.get("batch_stats", {}))
+  def gradients(micro: dict):
+    """The scaled gradients, and (loss, accuracy, batch_stats), of one (micro-)batch."""
+    images = normalize(micro["image"], spec.mean, spec.std, spec.compute_dtype)
+    labels = micro["label"]
 
-  (_, (loss, logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-      state.params)
+    def loss_fn(params):
+      logits, new_vars = spec.model.apply(
+          {"params": params, "batch_stats": state.batch_stats}, images, train=True,
+          mutable=["batch_stats"])
+      loss = cross_entropy(logits.astype(spec.output_dtype), labels, spec.label_smoothing).mean()
+      return loss * scale, (loss, logits, new_vars.get("batch_stats", {}))
+
+    (_, (loss, logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params)
+    accuracy = jnp.mean((jnp.argmax(logits, -1) == labels).astype(jnp.float32))
+    return grads, (loss, accuracy, batch_stats)
+
+  k = batching.accum_steps(batch["label"].shape[0], spec.grad_accum_steps,
+                           spec.max_per_device_batch)
+  if k == 1:
+    grads, (loss, accuracy, batch_stats) = gradients(batch)
+  else:
+    grads, (loss, accuracy, batch_stats) = _accumulate(gradients, batch, k, state.params)
   # Local mean gradient -> global mean gradient (see the module docstring), still scaled so
   # that small gradients survive a float16 exchange.
   # Squared norms of the local and the all-reduced gradient: the gradient noise scale's inputs.
@@ -113,7 +144,6 @@ def train_step(spec: StepSpec, state: TrainState, batch: dict, learning_rate: ja
   loss_scale = precision.update_loss_scale(state.loss_scale, finite, spec.loss_scale)
   new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
                             opt_state=opt_state, loss_scale=loss_scale)
-  accuracy = jnp.mean((jnp.argmax(logits, -1) == labels).astype(jnp.float32))
   metrics = lax.pmean({"loss": loss, "accuracy": accuracy,
                        "grad_sq_norm_local": local_sq_norm}, spec.axes)
   metrics["grad_sq_norm_global"] = optax.tree_utils.tree_norm(grads, squared=True)
@@ -121,6 +151,21 @@ def train_step(spec: StepSpec, state: TrainState, batch: dict, learning_rate: ja
   metrics.update(finite=finite, loss_scale=loss_scale.scale,
                  skipped_steps=loss_scale.skipped_steps)
   return new_state, metrics
+
+
+def _accumulate(gradients: Callable, batch: dict, k: int, params: Any):
+  """`gradients` over k micro-batches of `batch`, one at a time: the mean gradient and the
+  means of (loss, accuracy, batch_stats). Only one micro-batch's activations are live."""
+  micro = jax.tree.map(lambda x: x.reshape(k, x.shape[0] // k, *x.shape[1:]), batch)
+
+  def add(total, micro_batch):
+    grads, aux = gradients(micro_batch)
+    return jax.tree.map(lambda t, g: t + g.astype(jnp.float32), total, grads), aux
+
+  zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+  total, aux = lax.scan(add, zeros, micro)
+  grads = jax.tree.map(lambda t, p: (t / k).astype(p.dtype), total, params)
+  return grads, jax.tree.map(lambda x: x.mean(axis=0), aux)
 
 
 def eval_step(spec: StepSpec, state: TrainState, batch: dict) -> dict[str, jax.Array]:

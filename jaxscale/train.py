@@ -136,17 +136,23 @@ def run(config, workdir: str) -> dict:
                            grad_allreduce_dtype=precision.parse_dtype(
                                config.grad_allreduce_dtype, "grad_allreduce_dtype"),
                            allreduce=config.allreduce,
-                           loss_scale=precision.loss_scale_config(config))
+                           loss_scale=precision.loss_scale_config(config),
+                           grad_accum_steps=config.grad_accum_steps,
+                           max_per_device_batch=config.max_per_device_batch)
   runner = step_lib.RUNNERS[config.parallelism](
       spec, mesh,
       lambda rng: step_lib.create_train_state(model, make_optimizer, rng, dataset.image_shape,
                                               spec.loss_scale))
   state = runner.init_state(jax.random.key(config.seed))
+  # Accumulation: the step splits each device's batch into micro-batches (k per batch size).
+  per_device = batches.size_at(0) // num_devices
+  accum = batching.accum_steps(per_device, config.grad_accum_steps, config.max_per_device_batch)
+  micro = f" ({accum} micro-batches of {per_device // accum} per device)" if accum > 1 else ""
   if is_main:
     log(f"{config.model} on {dataset.name}: {num_devices} devices ({jax.process_count()} "
         f"processes), mesh {dict(mesh.shape)}, {config.parallelism}, {policy}, global batch "
-        f"{batches.size_at(0)}, {total_steps} steps ({total_examples / loader.num_examples:.2f} "
-        f"epochs)")
+        f"{batches.size_at(0)}{micro}, {total_steps} steps "
+        f"({total_examples / loader.num_examples:.2f} epochs)")
 
   # Checkpoints: resume from the latest complete one, if any (docs/checkpoints.md).
   checkpoints = checkpoint.Checkpoints(
