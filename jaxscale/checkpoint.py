@@ -32,6 +32,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from jaxscale.config import changed_keys
 from jaxscale.metrics import log
 
 # sysexits' EX_TEMPFAIL ("temporary failure, try again"): the run saved a checkpoint after
@@ -139,7 +140,7 @@ class Checkpoints:
     path = self.path(step)
     meta = _reading(path, lambda: self._manager.restore(
         step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta)
-    changed = _changed_keys(meta.get("config", {}), self._config)
+    changed = changed_keys(meta.get("config", {}), self._config)
     if changed:
       raise CheckpointError(f"checkpoint {path} was written by a different config (keys differ: "
                             f"{', '.join(changed)})")
@@ -186,21 +187,6 @@ def _drop_closed_loop_callbacks() -> None:
 
   hook.jaxscale_drops_closed_loop = True
   sys.unraisablehook = hook
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
-  out = {}
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      out.update(_flatten(value, f"{prefix}{key}."))
-    else:
-      out[prefix + key] = value
-  return out
-
-
-def _changed_keys(old: dict, new: dict) -> list[str]:
-  old, new = _flatten(old), _flatten(new)
-  return sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
 
 
 def _leaf_specs(tree: Any) -> dict[str, tuple[tuple[int, ...], str]]:

@@ -260,6 +260,28 @@ def profile_range(text: str) -> tuple[int, int]:
   return start, stop
 
 
+def changed_keys(old: dict, new: dict) -> list[str]:
+  """The dotted keys whose values differ between two configs loaded from `to_json`.
+
+  A key that `old` lacks and `new` holds at its default value counts as unchanged, so a workdir
+  or checkpoint written before jaxscale added that key still resumes.
+  """
+  default = _flatten(json.loads(to_json(defaults())))
+  old, new = _flatten(old), _flatten(new)
+  return sorted(k for k in old.keys() | new.keys()
+                if old.get(k, default.get(k)) != new.get(k))
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      out.update(_flatten(value, f"{prefix}{key}."))
+    else:
+      out[prefix + key] = value
+  return out
+
+
 def to_json(config: ml_collections.ConfigDict) -> str:
   """The resolved config as stable JSON (sorted keys), as written to `workdir/config.json`."""
   def clean(x):

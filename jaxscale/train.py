@@ -55,9 +55,8 @@ def prepare_workdir(workdir: str, config_json: str) -> None:
   if os.path.exists(path):
     with open(path) as f:
       old = json.load(f)
-    new = json.loads(config_json)
-    if old != new:
-      changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    changed = config_lib.changed_keys(old, json.loads(config_json))
+    if changed:
       raise ConfigError(f"workdir {workdir!r} holds a run of a different config (keys differ: "
                         f"{', '.join(changed)}); use another --workdir")
     return

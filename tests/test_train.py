@@ -103,3 +103,15 @@ def test_pmap_needs_the_1d_mesh(tmp_path, capsys):
                          "--config.parallelism=pmap", "--config.mesh=2x4"], capsys)
   assert code == 2 and "config key 'mesh': parallelism='pmap' supports only mesh='data'" in line
   assert not (tmp_path / "w").exists()
+
+
+def test_changed_keys_tolerates_keys_added_later_at_their_default():
+  from jaxscale import config as config_lib
+  new = json.loads(config_lib.to_json(config_lib.defaults()))
+  old = json.loads(config_lib.to_json(config_lib.defaults()))
+  del old["grad_accum_steps"], old["optimizer"]["trust_coefficient"]  # a workdir from before
+  assert config_lib.changed_keys(old, new) == []
+  new["grad_accum_steps"], new["optimizer"]["trust_coefficient"] = 2, 0.01  # not the defaults
+  new["learning_rate"] = 0.5
+  assert config_lib.changed_keys(old, new) == [
+      "grad_accum_steps", "learning_rate", "optimizer.trust_coefficient"]
