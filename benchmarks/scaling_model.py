@@ -329,8 +329,9 @@ def report(args: argparse.Namespace) -> str:
         f"{p.images_per_sec / 1e6:.2f}M img/s). Given the under-prediction of every "
         f"historical run, read it as a lower bound.\n"
         f"Assumptions: {args.h200_images_per_sec:,.0f} img/s per GPU at batch "
-        f"{args.h200_measured_batch} (measured, anchors.md, flax example; "
-        f"--h200-images-per-sec for jaxscale's own); per-step overhead t0 = "
+        f"{args.h200_measured_batch} ("
+        + ("the Flax example, anchors.md" if args.h200_images_per_sec == H200_BATCH_SWEEP[256]
+           else "--h200-images-per-sec") + "); per-step overhead t0 = "
         f"{H200_STEP_OVERHEAD_S * 1e3:.2f} ms from a line through the measured sweep "
         f"{H200_BATCH_SWEEP} (batch {args.h200_per_device_batch} extrapolates below 128); "
         f"{args.allreduce_dtype} gradients "
