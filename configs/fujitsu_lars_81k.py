@@ -12,6 +12,8 @@ smoothing 0.1, fp16 with dynamic loss scaling, 90 epochs as an upper bound (the 
 at its accuracy target), BatchNorm momentum from the few steps per epoch (16 steps per epoch at
 this batch: see `bn_momentum`), weight decay 5e-5. Peak learning rate and warmup are starting
 points to tune, not the record's values. Same-seed initialization is jaxscale's default.
+Added by jaxscale: precise BN over 16 batches at the end (`precise_bn_batches`, README: Large
+batches), so that eval does not depend on how far the running averages lag at 16 steps per epoch.
 """
 from jaxscale.config import defaults
 
@@ -36,5 +38,6 @@ def get_config():
   config.optimizer.weight_decay = 5e-5
   config.label_smoothing = 0.1
   config.bn_momentum = 0.9
+  config.precise_bn_batches = 16
   config.log_every_steps = 4
   return config

@@ -8,7 +8,8 @@ What jaxscale sets: the stages as `batch_schedule="0:34816,30:69632"` (the switc
 jaxscale's assumption, to tune); LARS with warmup and polynomial decay, label smoothing 0.1;
 the learning rate follows the square-root rule when the batch doubles (`lr_scaling="sqrt"`
 relative to the first stage); fp16 with dynamic loss scaling; hierarchical all-reduce over the
-(hosts x local) mesh, jaxscale's counterpart of the 2-D torus.
+(hosts x local) mesh, jaxscale's counterpart of the 2-D torus. Added by jaxscale: precise BN
+over 16 batches of the final 68K at the end (`precise_bn_batches`; 18 steps per epoch there).
 """
 from jaxscale.config import defaults
 
@@ -32,6 +33,7 @@ def get_config():
   config.optimizer.momentum = 0.9
   config.optimizer.weight_decay = 5e-5
   config.label_smoothing = 0.1
+  config.precise_bn_batches = 16
   config.mesh = "hosts"
   config.log_every_steps = 5
   return config

@@ -45,6 +45,12 @@ def defaults() -> ml_collections.ConfigDict:
   c.stem = "auto"  # "imagenet", "small", or "auto" (small for images of at most 64 pixels)
   c.bn_momentum = 0.9
   c.bn_group_size = 0  # devices per BatchNorm group; 0 means all devices (global batch statistics)
+  # > 0: lower bn_momentum so that the running averages' time constant 1 / (1 - momentum) is at
+  # most this many epochs of steps at the initial global batch (few steps per epoch); 0: off.
+  c.bn_momentum_epochs = 0.0
+  # > 0: after training, recompute the BatchNorm statistics from this many training batches with
+  # the weights fixed ("precise BN"); the final checkpoint, export and eval use them. 0: off.
+  c.precise_bn_batches = 0
   c.zero_init_last_bn = False
   # Optimization.
   c.num_epochs = 4.0
@@ -234,7 +240,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
                 "synthetic_num_eval_examples"):
       positive(key)
   for key in ("image_size", "data_workers", "checkpoint_every_steps", "checkpoint_keep",
-              "checkpoint_keep_every_steps"):
+              "checkpoint_keep_every_steps", "bn_momentum_epochs", "precise_bn_batches"):
     if config[key] < 0:
       raise ConfigError(f"config key {key!r} must be >= 0, got {config[key]}")
   positive("prefetch_batches")

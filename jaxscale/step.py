@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import flax
 import jax
@@ -156,16 +156,19 @@ def train_step(spec: StepSpec, state: TrainState, batch: dict, learning_rate: ja
 def _accumulate(gradients: Callable, batch: dict, k: int, params: Any):
   """`gradients` over k micro-batches of `batch`, one at a time: the mean gradient and the
   means of (loss, accuracy, batch_stats). Only one micro-batch's activations are live."""
-  micro = jax.tree.map(lambda x: x.reshape(k, x.shape[0] // k, *x.shape[1:]), batch)
-
   def add(total, micro_batch):
     grads, aux = gradients(micro_batch)
     return jax.tree.map(lambda t, g: t + g.astype(jnp.float32), total, grads), aux
 
   zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
-  total, aux = lax.scan(add, zeros, micro)
+  total, aux = lax.scan(add, zeros, _micro_batches(batch, k))
   grads = jax.tree.map(lambda t, p: (t / k).astype(p.dtype), total, params)
   return grads, jax.tree.map(lambda x: x.mean(axis=0), aux)
+
+
+def _micro_batches(batch: dict, k: int) -> dict:
+  """[B, ...] -> [k, B / k, ...]: micro-batch i is rows [i B/k, (i+1) B/k)."""
+  return jax.tree.map(lambda x: x.reshape(k, x.shape[0] // k, *x.shape[1:]), batch)
 
 
 def eval_step(spec: StepSpec, state: TrainState, batch: dict) -> dict[str, jax.Array]:
@@ -180,6 +183,38 @@ def eval_step(spec: StepSpec, state: TrainState, batch: dict) -> dict[str, jax.A
   return lax.psum(sums, spec.axes)
 
 
+def batch_stats_step(spec: StepSpec, state: TrainState, batch: dict) -> Any:
+  """This global batch's BatchNorm statistics: each BN layer's batch mean and variance.
+
+  They are what a train step normalizes with: over the global batch through the model's BN
+  axis_name, or over each BN group and then averaged over all devices (`sync_batch_stats`),
+  in float32; with gradient accumulation, the mean over the k micro-batches' statistics. Parameters and running statistics are left as they are; the result has the
+  structure of `state.batch_stats` and is the same on every device.
+  """
+  def statistics(micro: dict):
+    images = normalize(micro["image"], spec.mean, spec.std, spec.compute_dtype)
+    # flax stores `momentum * running + (1 - momentum) * batch`; with momentum 0 that is the
+    # batch statistic exactly (0 * running and 1 * batch are exact in floating point), where
+    # solving the trained momentum's update for it would lose digits to cancellation. Every
+    # model with BatchNorm in the zoo (the ResNets) has the `bn_momentum` field.
+    _, new_vars = spec.model.clone(bn_momentum=0.0).apply(
+        {"params": state.params, "batch_stats": state.batch_stats}, images, train=True,
+        mutable=["batch_stats"])
+    return new_vars["batch_stats"]
+
+  # With gradient accumulation, the micro-batches training normalizes with (ghost batches), one
+  # at a time: the memory bound that made accumulation necessary holds here too.
+  k = batching.accum_steps(batch["label"].shape[0], spec.grad_accum_steps,
+                           spec.max_per_device_batch)
+  if k == 1:
+    stats = statistics(batch)
+  else:
+    stats = jax.tree.map(lambda x: x.mean(axis=0), lax.map(statistics, _micro_batches(batch, k)))
+  if spec.sync_batch_stats:
+    stats = lax.pmean(stats, spec.axes)
+  return stats
+
+
 @dataclasses.dataclass(frozen=True)
 class Runner:
   """The steps compiled for one parallelism, and how state and batches reach the devices."""
@@ -187,6 +222,7 @@ class Runner:
   put_batch: Callable[[dict], Any]  # this process's numpy batch -> device input
   train_step: Callable  # (state, batch, learning_rate) -> (state, metrics)
   eval_step: Callable  # (state, batch) -> metric sums
+  batch_stats_step: Callable  # (state, batch) -> BN statistics as replicated jax.Arrays
   global_state: Callable[[Any], TrainState]  # device state -> state as replicated jax.Arrays
   from_global_state: Callable[[TrainState], Any]  # the inverse (after a checkpoint restore)
 
@@ -198,6 +234,8 @@ def shard_map_runner(spec: StepSpec, mesh: Mesh, create_state: Callable) -> Runn
                         in_specs=(P(), batch_spec, P()), out_specs=(P(), P()), check_vma=False)
   evaluate = jax.shard_map(functools.partial(eval_step, spec), mesh=mesh,
                            in_specs=(P(), batch_spec), out_specs=P(), check_vma=False)
+  stats = jax.shard_map(functools.partial(batch_stats_step, spec), mesh=mesh,
+                        in_specs=(P(), batch_spec), out_specs=P(), check_vma=False)
   sharding = mesh_lib.batch_sharding(mesh)
 
   def put_batch(local: dict) -> dict:
@@ -208,6 +246,7 @@ def shard_map_runner(spec: StepSpec, mesh: Mesh, create_state: Callable) -> Runn
       put_batch=put_batch,
       train_step=jax.jit(train, donate_argnums=0),
       eval_step=jax.jit(evaluate),
+      batch_stats_step=jax.jit(stats),
       global_state=lambda state: state,
       from_global_state=lambda state: jax.device_put(state, replicated))
 
@@ -220,6 +259,7 @@ def pmap_runner(spec: StepSpec, mesh: Mesh, create_state: Callable) -> Runner:
   train = jax.pmap(functools.partial(train_step, spec), axis_name="data", in_axes=(0, 0, None),
                    donate_argnums=0, devices=devices)
   evaluate = jax.pmap(functools.partial(eval_step, spec), axis_name="data", devices=devices)
+  stats = jax.pmap(functools.partial(batch_stats_step, spec), axis_name="data", devices=devices)
 
   stacked = jax.sharding.NamedSharding(Mesh(np.array(devices), ("data",)), P("data"))
 
@@ -252,8 +292,39 @@ def pmap_runner(spec: StepSpec, mesh: Mesh, create_state: Callable) -> Runner:
       train_step=lambda state, batch, lr: (lambda s, m: (s, unreplicate(m)))(
           *train(state, batch, np.float32(lr))),
       eval_step=lambda state, batch: unreplicate(evaluate(state, batch)),
+      batch_stats_step=lambda state, batch: global_state(stats(state, batch)),
       global_state=global_state,
       from_global_state=from_global_state)
 
 
 RUNNERS = {"shard_map": shard_map_runner, "pmap": pmap_runner}
+
+
+_add_trees = jax.jit(functools.partial(jax.tree.map, jnp.add))
+
+
+def precise_batch_stats(runner: Runner, state: Any, batches: Iterable[dict]) -> Any:
+  """PreciseBN (Wu & Johnson 2021, arXiv 2105.07576): population statistics, weights fixed.
+
+  Replaces every BatchNorm layer's running mean by the mean of its per-batch means over
+  `batches` (this process's numpy parts of global batches), and its running variance by the
+  mean of the per-batch variances, as the paper's PreciseBN does. Unlike the running averages
+  of training, these come from the final weights alone, however few steps an epoch has.
+
+  Args:
+    runner: the runner that trained `state`.
+    state: the state in the runner's device layout.
+    batches: at least one batch.
+
+  Returns:
+    `state` with the new statistics, in the runner's device layout.
+  """
+  total, count = None, 0
+  for batch in batches:
+    stats = runner.batch_stats_step(state, runner.put_batch(batch))
+    total = stats if total is None else _add_trees(total, stats)
+    count += 1
+  if not count:
+    raise ValueError("precise_batch_stats needs at least one batch")
+  averaged = jax.tree.map(lambda x: x / count, total)
+  return runner.from_global_state(runner.global_state(state).replace(batch_stats=averaged))

@@ -73,6 +73,18 @@ def learning_rate_for(config, global_batch_size: int) -> float:
                                    config.reference_batch_size, config.lr_scaling)
 
 
+def bn_momentum_for(config, steps_per_epoch: float) -> float:
+  """`bn_momentum`, lowered by `bn_momentum_epochs` > 0 to a time constant of that many epochs.
+
+  A running average of momentum m forgets with time constant 1 / (1 - m) steps: 100 steps at
+  0.99, six epochs at 16 steps per epoch, far behind weights that change every step.
+  """
+  if not config.bn_momentum_epochs:
+    return config.bn_momentum
+  return max(0.0, min(config.bn_momentum,
+                      1 - 1 / (config.bn_momentum_epochs * steps_per_epoch)))
+
+
 def run(config, workdir: str) -> dict:
   """Trains and evaluates as `config` says; returns the final eval metrics."""
   start_time = time.time()
@@ -90,11 +102,10 @@ def run(config, workdir: str) -> dict:
   prepare_workdir(workdir, config_lib.to_json(config))
   is_main = jax.process_index() == 0
   crop_size = 0 if dataset.name == "synthetic" else config.image_size
-  loader = data.TrainLoader(
-      dataset.train, seed=config.seed, workers=config.data_workers,
-      prefetch=config.prefetch_batches,
-      transform=data.TrainTransform(image_size=crop_size, random_flip=config.random_flip,
-                                    channels=dataset.image_shape[-1]))
+  train_transform = data.TrainTransform(image_size=crop_size, random_flip=config.random_flip,
+                                        channels=dataset.image_shape[-1])
+  loader = data.TrainLoader(dataset.train, seed=config.seed, workers=config.data_workers,
+                            prefetch=config.prefetch_batches, transform=train_transform)
   # Batch sizes: constant, stages or adaptive (jaxscale/batching.py). Progress is counted in
   # examples, so epochs, the learning rate and the batch size agree whatever the sizes are.
   batches = batching.create(config, loader.num_examples, num_devices)
@@ -114,8 +125,11 @@ def run(config, workdir: str) -> dict:
   groups = None
   if group and group < num_devices:
     groups = [list(range(i, i + group)) for i in range(0, num_devices, group)]
+  # From the initial batch: the model, and so a resumed run, is the same whatever the schedule.
+  initial_steps_per_epoch = loader.num_examples / batches.initial
+  bn_momentum = bn_momentum_for(config, initial_steps_per_epoch)
   model = models.create_model(
-      config.model, num_classes=dataset.num_classes, stem=stem, bn_momentum=config.bn_momentum,
+      config.model, num_classes=dataset.num_classes, stem=stem, bn_momentum=bn_momentum,
       bn_axis_name=axes if len(axes) > 1 else axes[0], bn_axis_index_groups=groups,
       zero_init_last_bn=config.zero_init_last_bn, dtype=policy.compute_dtype,
       param_dtype=policy.param_dtype)
@@ -152,6 +166,9 @@ def run(config, workdir: str) -> dict:
         f"processes), mesh {dict(mesh.shape)}, {config.parallelism}, {policy}, global batch "
         f"{batches.size_at(0)}{micro}, {total_steps} steps "
         f"({total_examples / loader.num_examples:.2f} epochs)")
+    if bn_momentum != config.bn_momentum:
+      log(f"BatchNorm momentum {bn_momentum:.4f}: a time constant of {config.bn_momentum_epochs} "
+          f"epochs of {initial_steps_per_epoch:.1f} steps (bn_momentum_epochs)")
 
   # Checkpoints: resume from the latest complete one, if any (docs/checkpoints.md).
   checkpoints = checkpoint.Checkpoints(
@@ -179,6 +196,26 @@ def run(config, workdir: str) -> dict:
     return {"data": loader.get_state(), "seed": config.seed, "model": model_info,
             "global_batch_size": batches.size_at(loader.position),
             "batch_schedule": batches.state(), "noise_scale": dataclasses.asdict(noise_scale)}
+
+  def precise_bn(state):
+    """Precise BN (`precise_bn_batches`): the statistics recomputed with the final weights.
+
+    From a stream of its own (seed + 1) at the batch size in force, so the training stream's
+    position, and with it exact resume, is untouched.
+    """
+    if not jax.tree.leaves(state.batch_stats):
+      if is_main:
+        log(f"precise BN: {config.model} has no BatchNorm; nothing to recompute")
+      return state
+    size = batches.size_at(loader.position)
+    bn_loader = data.TrainLoader(dataset.train, seed=config.seed + 1,
+                                 workers=config.data_workers, prefetch=config.prefetch_batches,
+                                 transform=train_transform)
+    state = step_lib.precise_batch_stats(
+        runner, state, (bn_loader.next_batch(size) for _ in range(config.precise_bn_batches)))
+    if is_main:
+      log(f"precise BN: statistics from {config.precise_bn_batches} batches of {size}")
+    return state
 
   # Training loop.
   writer = MetricsWriter(workdir, enabled=is_main)
@@ -226,6 +263,13 @@ def run(config, workdir: str) -> dict:
       jax.profiler.stop_trace()
       if is_main:
         log(f"profile of steps {profile_start + 1}-{profile_stop} in {workdir}/profile")
+    if step == total_steps and config.precise_bn_batches:
+      # Here, not after the loop: a step already saved (periodically, or on preemption) is not
+      # saved again, so this must come before any save of the last step. The final checkpoint,
+      # the export and the eval then hold the same statistics. A run stopped earlier never
+      # gets here; one that resumes and finishes does; one resumed at the last step restores
+      # them.
+      state = precise_bn(state)
     if checkpoints.is_due(steps_done):
       if not guard.flush():
         break

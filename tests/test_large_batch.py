@@ -63,7 +63,7 @@ RECIPES = {
 
 
 @pytest.mark.parametrize("recipe", sorted(RECIPES))
-def test_recipe_builds_and_trains_one_step_at_tiny_size(recipe, tmp_path):
+def test_recipe_builds_and_trains_one_step_at_tiny_size(recipe, tmp_path, capsys):
   name, params, small = RECIPES[recipe]
   config = config_lib.load(os.path.join(ROOT, "configs", recipe))
   assert config.model == name
@@ -71,11 +71,15 @@ def test_recipe_builds_and_trains_one_step_at_tiny_size(recipe, tmp_path):
   model = models.create_model(name, num_classes=1000, stem="imagenet")
   shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 224, 224, 3)))
   assert sum(x.size for x in jax.tree.leaves(shapes["params"])) == params
-  # Everything else of the recipe (optimizer, schedule, precision, batch schedule) at tiny size.
+  # Everything else of the recipe (optimizer, schedule, precision, batch schedule) at tiny size,
+  # with precise BN in every recipe's precision (ViT has no BatchNorm: it skips it).
   overrides = {"model": small, "global_batch_size": 16, "num_train_steps": 2,
-               "image_size": 32 if small.startswith("vit") else 8}
+               "image_size": 32 if small.startswith("vit") else 8, "precise_bn_batches": 2}
   if config.batch_schedule:
     overrides["batch_schedule"] = "0:16,0.25:32"
   config_lib.validate(config, jax.device_count())
   result = train.run(tiny(config, **overrides), str(tmp_path))
   assert np.isfinite(result["loss"]) and result["num_examples"] == 16
+  expected = (f"{small} has no BatchNorm" if small.startswith("vit")
+              else "statistics from 2 batches")
+  assert f"precise BN: {expected}" in capsys.readouterr().err

@@ -31,6 +31,9 @@ QUICKSTART = os.path.join(ROOT, "configs", "quickstart.py")
     ("--config.batch_schedule=0:128,0:256", "config key 'batch_schedule': stage start epochs"),
     ("--config.batch_schedule=0:100", "batch size 100 of stage '0:100' is not a positive"),
     ("--config.profile_steps=5:2", "config key 'profile_steps': '5:2' is not 'A:B'"),
+    ("--config.precise_bn_batches=-1", "config key 'precise_bn_batches' must be >= 0, got -1"),
+    ("--config.precise_bn_batches=2.5", "config key 'precise_bn_batches' must be of type int"),
+    ("--config.bn_momentum_epochs=-0.5", "config key 'bn_momentum_epochs' must be >= 0, got -0.5"),
 ])
 def test_bad_config_is_one_line_error_and_writes_nothing(tmp_path, capsys, override, message):
   workdir = tmp_path / "run"
