@@ -73,8 +73,12 @@ def train(run: dict, workdir: str, extra: list[str], timeout: float) -> dict:
           *(f"--config.{k}={v}" for k, v in run["overrides"].items()), *extra]
   env = dict(os.environ, PYTHONUNBUFFERED="1", XLA_PYTHON_CLIENT_PREALLOCATE="false")
   start = time.time()
-  proc = subprocess.run(args, env=env, cwd=ROOT, capture_output=True, text=True,
-                        timeout=timeout)
+  try:
+    proc = subprocess.run(args, env=env, cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout)
+  except subprocess.TimeoutExpired:  # one slow run must not lose the others' results
+    return {**run, "wall_s": round(time.time() - start, 1),
+            "error": f"no result within --timeout {timeout:g} s"}
   result = {**run, "wall_s": round(time.time() - start, 1)}
   if proc.returncode:
     return {**result, "error": f"exit {proc.returncode}: {proc.stderr.strip()[-500:]}"}
