@@ -34,4 +34,4 @@ part step_overhead "${OVERHEAD_LIMIT:-150}" $py benchmarks/step_overhead.py --mo
   --precision bf16 --steps 20 --rounds 5
 part checkpoint "${CHECKPOINT_LIMIT:-120}" $py benchmarks/checkpoint.py --model resnet50 \
   --image-size 224 --num-classes 1000 --global-batch "${BATCH:-256}" --precision bf16 \
-  --every 20 --rounds 3
+  --every 200 --rounds 2
