@@ -24,7 +24,8 @@ the best of `--lr-factors` times that rate (a small sweep, reported with the rat
   python benchmarks/large_batch.py --report                           # table + plot from jsonl
 
 It appends one JSON line per run to `--out-dir`/large_batch.jsonl, then writes the table
-(large_batch.md) and, when matplotlib is installed, the plot (large_batch.png).
+(large_batch.md) and, when matplotlib is installed (`pip install -e '.[bench]'`), the plot
+(large_batch.png).
 """
 from __future__ import annotations
 
