@@ -57,7 +57,7 @@ def main() -> None:
   devices = jax.devices()[:args.devices]
   mesh = mesh_lib.create_mesh("data", devices)
   shape = (args.image_size, args.image_size, 3)
-  stem = "small" if args.image_size <= 64 else "imagenet"  # train.py's stem='auto' rule
+  stem = models.auto_stem(shape)
   dtype = precision.parse_policy(args.precision).compute_dtype
   model = models.create_model(args.model, num_classes=args.num_classes, stem=stem, dtype=dtype,
                               bn_axis_name="data")

@@ -76,7 +76,7 @@ def main() -> None:
   rng = np.random.default_rng(0)
   images = rng.integers(0, 256, (args.global_batch, *shape), dtype=np.uint8)
   labels = rng.integers(0, args.num_classes, args.global_batch).astype(np.int32)
-  stem = "small" if args.image_size <= 64 else "imagenet"  # train.py's stem='auto' rule
+  stem = models.auto_stem(shape)
   dtype = precision.parse_policy(args.precision).compute_dtype
   lr = 0.1
 

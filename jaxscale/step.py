@@ -82,6 +82,11 @@ class StepSpec:
   grad_accum_steps: int = 1  # micro-batches per device's batch; 1: none
   max_per_device_batch: int = 0  # > 0: the fewest micro-batches of at most this many examples
 
+  def accum_steps(self, per_device_batch: int) -> int:
+    """k, the micro-batches of a device's batch of this size (`batching.accum_steps`)."""
+    return batching.accum_steps(per_device_batch, self.grad_accum_steps,
+                                self.max_per_device_batch)
+
 
 def train_step(spec: StepSpec, state: TrainState, batch: dict, learning_rate: jax.Array):
   """One optimizer step on this device's part of the global batch. Returns (state, metrics).
@@ -121,8 +126,7 @@ def train_step(spec: StepSpec, state: TrainState, batch: dict, learning_rate: ja
     accuracy = jnp.mean((jnp.argmax(logits, -1) == labels).astype(jnp.float32))
     return grads, (loss, accuracy, batch_stats)
 
-  k = batching.accum_steps(batch["label"].shape[0], spec.grad_accum_steps,
-                           spec.max_per_device_batch)
+  k = spec.accum_steps(batch["label"].shape[0])
   if k == 1:
     grads, (loss, accuracy, batch_stats) = gradients(batch)
   else:
@@ -188,8 +192,9 @@ def batch_stats_step(spec: StepSpec, state: TrainState, batch: dict) -> Any:
 
   They are what a train step normalizes with: over the global batch through the model's BN
   axis_name, or over each BN group and then averaged over all devices (`sync_batch_stats`),
-  in float32; with gradient accumulation, the mean over the k micro-batches' statistics. Parameters and running statistics are left as they are; the result has the
-  structure of `state.batch_stats` and is the same on every device.
+  in float32; with gradient accumulation, the mean over the k micro-batches' statistics.
+  Parameters and running statistics are left as they are; the result has the structure of
+  `state.batch_stats` and is the same on every device.
   """
   def statistics(micro: dict):
     images = normalize(micro["image"], spec.mean, spec.std, spec.compute_dtype)
@@ -204,8 +209,7 @@ def batch_stats_step(spec: StepSpec, state: TrainState, batch: dict) -> Any:
 
   # With gradient accumulation, the micro-batches training normalizes with (ghost batches), one
   # at a time: the memory bound that made accumulation necessary holds here too.
-  k = batching.accum_steps(batch["label"].shape[0], spec.grad_accum_steps,
-                           spec.max_per_device_batch)
+  k = spec.accum_steps(batch["label"].shape[0])
   if k == 1:
     stats = statistics(batch)
   else:

@@ -120,7 +120,7 @@ def run(config, workdir: str) -> dict:
   policy = precision.parse_policy(config.precision)
   stem = config.stem
   if stem == "auto":
-    stem = "small" if max(dataset.image_shape[:2]) <= 64 else "imagenet"
+    stem = models.auto_stem(dataset.image_shape)
   group = config.bn_group_size
   groups = None
   if group and group < num_devices:
@@ -159,7 +159,7 @@ def run(config, workdir: str) -> dict:
   state = runner.init_state(jax.random.key(config.seed))
   # Accumulation: the step splits each device's batch into micro-batches (k per batch size).
   per_device = batches.size_at(0) // num_devices
-  accum = batching.accum_steps(per_device, config.grad_accum_steps, config.max_per_device_batch)
+  accum = spec.accum_steps(per_device)
   micro = f" ({accum} micro-batches of {per_device // accum} per device)" if accum > 1 else ""
   if is_main:
     log(f"{config.model} on {dataset.name}: {num_devices} devices ({jax.process_count()} "

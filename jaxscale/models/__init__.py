@@ -18,11 +18,17 @@ import jax.numpy as jnp
 from jaxscale.models.resnet import RESNETS, BasicBlock, BottleneckBlock, ResNet
 from jaxscale.models.vit import VITS, ViT
 
-__all__ = ["MODELS", "create_model", "ResNet", "BasicBlock", "BottleneckBlock", "ViT"]
+__all__ = ["MODELS", "auto_stem", "create_model", "ResNet", "BasicBlock", "BottleneckBlock", "ViT"]
 
 MODELS: dict[str, Callable[..., nn.Module]] = {**RESNETS, **VITS}
 
 STEMS = ("imagenet", "small")
+
+
+def auto_stem(image_shape: tuple[int, ...]) -> str:
+  """The stem for `stem='auto'`: "small" for images of at most 64 pixels a side, else
+  "imagenet" (whose 4x downsampling would leave too little of a small image)."""
+  return "small" if max(image_shape[:2]) <= 64 else "imagenet"
 
 
 def create_model(name: str, *, num_classes: int, stem: str = "imagenet",
