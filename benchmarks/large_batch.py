@@ -6,7 +6,13 @@ is `jaxscale.train` on the quickstart recipe (configs/quickstart.py: resnet8, Fa
 with the same epoch budget and schedule shape (linear warm-up over the first epoch, then
 polynomial decay of power 2, the MLPerf LARS form) and precise BN over 16 batches before eval
 (at 4-15 steps per epoch BatchNorm's running averages lag the weights), in its own process;
-runs go `--jobs` at a time.
+runs go `--jobs` at a time. Every run normalizes BatchNorm over 128 examples, as a cluster of
+batch / 128 devices would (Goyal et al. keep 32 per GPU), so the batch size alone varies. With
+`--bn-groups devices` (default, for CPUs) a run at batch B gets B / 128 host CPU devices
+(XLA_FLAGS), one BN group each (many CPU devices are also the fast way to run a big batch on a
+CPU, see README on accumulation); with `--bn-groups micro-batches` (for one accelerator) it runs
+on one device with micro-batches of 128 (`max_per_device_batch`), which normalizes the same
+ghost batches (README).
 
 Methods; the learning rate follows the scaling rule from a reference point, and each cell is
 the best of `--lr-factors` times that rate (a small sweep, reported with the rate it chose):
@@ -19,7 +25,7 @@ the best of `--lr-factors` times that rate (a small sweep, reported with the rat
   lars_growth  lars, but half the batch for the first third of the epochs (Sony's batch-size
                control, Mikami et al., arXiv 1811.05233); the rate follows the rule per stage
 
-  python benchmarks/large_batch.py --jobs 8                           # one GPU: the full grid
+  python benchmarks/large_batch.py --jobs 4 --bn-groups micro-batches  # one GPU: the grid
   python benchmarks/large_batch.py --sizes 128,4096 --methods sgd,lars --epochs 1   # a check
   python benchmarks/large_batch.py --report                           # table + plot from jsonl
 
@@ -41,13 +47,14 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICKSTART = os.path.join(ROOT, "configs", "quickstart.py")
 METHODS = ("sgd", "lars", "lamb", "lars_growth")
+BN_EXAMPLES = 128  # per device, hence per BatchNorm group
 
 
 def method_overrides(method: str, size: int, lr_factor: float, epochs: float) -> dict:
   """Config overrides for one run: `method` at global batch `size`."""
   common = {"num_epochs": epochs, "global_batch_size": size, "lr_schedule.name": "poly",
             "lr_schedule.power": 2.0, "lr_schedule.warmup_epochs": min(1.0, epochs / 4),
-            "precise_bn_batches": 16}
+            "precise_bn_batches": 16, "bn_group_size": 1, "eval_batch_size": 1024}
   if method == "sgd":
     return {**common, "optimizer.name": "sgd", "optimizer.weight_decay": 5e-4,
             "learning_rate": 0.2 * lr_factor, "reference_batch_size": 128,
@@ -72,7 +79,9 @@ def train(run: dict, workdir: str, extra: list[str], timeout: float) -> dict:
           f"--workdir={workdir}", "--config.progress_bar=off", "--config.log_every_steps=10",
           "--config.checkpoint_every_steps=0",
           *(f"--config.{k}={v}" for k, v in run["overrides"].items()), *extra]
-  env = dict(os.environ, PYTHONUNBUFFERED="1", XLA_PYTHON_CLIENT_PREALLOCATE="false")
+  env = dict(os.environ, PYTHONUNBUFFERED="1", XLA_PYTHON_CLIENT_PREALLOCATE="false",
+             XLA_FLAGS=f"--xla_force_host_platform_device_count={run['devices']} "
+                       + os.environ.get("XLA_FLAGS", ""))
   start = time.time()
   try:
     proc = subprocess.run(args, env=env, cwd=ROOT, capture_output=True, text=True,
@@ -94,18 +103,25 @@ def train(run: dict, workdir: str, extra: list[str], timeout: float) -> dict:
               o["lr_scaling"])}
 
 
-def plan(methods: list[str], sizes: list[int], factors: list[float], epochs: float) -> list[dict]:
+def plan(methods: list[str], sizes: list[int], factors: list[float], epochs: float,
+         bn_groups: str = "devices") -> list[dict]:
   """Every run, the first factor of every cell before any cell's second: a run cut short by
-  the deadline loses sweep points, not whole cells."""
+  the deadline loses sweep points, not whole cells. `bn_groups`: how BatchNorm gets groups of
+  BN_EXAMPLES, "devices" (one host CPU device each) or "micro-batches" (on one device)."""
   runs = []
   for factor in factors:
     for method in methods:
       for size in sizes:
         if method == "lars_growth" and size < 1024:
           continue  # growth is for the large batches
+        overrides = method_overrides(method, size, factor, epochs)
+        # One device per 128 examples of the first stage (growth: of the smaller batch).
+        first = size // 2 if method == "lars_growth" else size
+        devices = max(1, first // BN_EXAMPLES) if bn_groups == "devices" else 1
+        if bn_groups == "micro-batches":
+          overrides["max_per_device_batch"] = BN_EXAMPLES
         runs.append({"method": method, "global_batch_size": size, "lr_factor": factor,
-                     "epochs": epochs,
-                     "overrides": method_overrides(method, size, factor, epochs)})
+                     "epochs": epochs, "devices": devices, "overrides": overrides})
   return runs
 
 
@@ -178,6 +194,8 @@ def main() -> None:
                       help="multiples of each method's scaled rate, in the order they are run")
   parser.add_argument("--epochs", type=float, default=6.0)
   parser.add_argument("--jobs", type=int, default=1, help="runs at a time")
+  parser.add_argument("--bn-groups", choices=("devices", "micro-batches"), default="devices",
+                      help="BatchNorm over 128 examples via host CPU devices or micro-batches")
   parser.add_argument("--deadline", type=float, default=0,
                       help="seconds: start no run after this (0: no limit)")
   parser.add_argument("--timeout", type=float, default=3600, help="seconds per run")
@@ -189,7 +207,7 @@ def main() -> None:
 
   if not args.report:
     runs = plan(args.methods.split(","), [int(s) for s in args.sizes.split(",")],
-                [float(f) for f in args.lr_factors.split(",")], args.epochs)
+                [float(f) for f in args.lr_factors.split(",")], args.epochs, args.bn_groups)
     from jaxscale import config as config_lib, data  # convert Fashion-MNIST once, up front
     data.load_dataset(config_lib.load(QUICKSTART, [e[len("--config."):] for e in extra]))
     start = time.time()

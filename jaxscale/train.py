@@ -166,6 +166,9 @@ def run(config, workdir: str) -> dict:
         f"processes), mesh {dict(mesh.shape)}, {config.parallelism}, {policy}, global batch "
         f"{batches.size_at(0)}{micro}, {total_steps} steps "
         f"({total_examples / loader.num_examples:.2f} epochs)")
+    if accum > 1 and jax.default_backend() == "cpu":
+      log("note: XLA:CPU runs convolutions inside the accumulation loop about 20x slower "
+          "(jax-ml/jax#12868); on CPU prefer more devices to micro-batches")
     if bn_momentum != config.bn_momentum:
       log(f"BatchNorm momentum {bn_momentum:.4f}: a time constant of {config.bn_momentum_epochs} "
           f"epochs of {initial_steps_per_epoch:.1f} steps (bn_momentum_epochs)")
