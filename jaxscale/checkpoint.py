@@ -12,12 +12,25 @@ orbax writes a step into `<step>.orbax-checkpoint-tmp` and renames it on commit,
 write did not complete is never listed, let alone restored. Restoring takes a target state that
 carries the shardings of the current mesh: a checkpoint written on one topology restores onto any.
 
+Async saves in a single process return at once: `save` dispatches a device-side copy of the
+state (one jitted program: the next step may donate the state, the copy stays valid) and hands
+orbax's save of the copy to a background thread, so the loop waits neither for the step in flight
+nor for orbax copying each array off the devices. Until orbax has copied it to the host, the copy
+takes the device memory of one more state. `wait`, `close`, `latest_step`, `restore*` and the
+next `save` first wait for that thread and raise its failure, if any. With several processes,
+`save` runs orbax's blocking phase inline, as before: it synchronizes the processes with
+`sync_global_devices`, a device collective, which must not be issued from a second thread, where
+it could interleave with the step's collectives in different orders on different processes (a
+deadlock).
+
 Preemption: SIGTERM and SIGINT set a flag; `PreemptionWatch.stop_requested()` turns the flags of
 all processes into one answer at one step boundary, the trainer saves there, waits for the write
 and exits with `EXIT_PREEMPTED`.
 """
 from __future__ import annotations
 
+import concurrent.futures
+import copy
 import json
 import os
 import signal
@@ -76,8 +89,8 @@ class Checkpoints:
         only the final step, or the step where it was preempted).
       keep: keep the last `keep` checkpoints; 0 keeps all.
       keep_every_steps: also keep every checkpoint whose step is a multiple of this; 0: none.
-      async_save: write in the background; `save` returns once the state is copied off the
-        devices.
+      async_save: write in the background; `save` returns once a copy of the state is
+        dispatched (single process) or copied off the devices (several processes).
     """
     self.directory = os.path.abspath(directory)
     self.every_steps = every_steps
@@ -94,12 +107,17 @@ class Checkpoints:
     self._manager = ocp.CheckpointManager(self.directory, options=options,
                                           handler_registry=registry)
     self._last_saved = self._manager.latest_step()
+    # Only in one process: see the module docstring for why several processes save inline.
+    self._thread = (concurrent.futures.ThreadPoolExecutor(1, "jaxscale-checkpoint")
+                    if async_save and jax.process_count() == 1 else None)
+    self._pending: tuple[int, concurrent.futures.Future] | None = None  # (step, orbax's save)
 
   def path(self, step: int) -> str:
     return os.path.join(self.directory, str(step))
 
   def latest_step(self) -> int | None:
     """The newest complete checkpoint's step, or None."""
+    self._finish_pending()
     return self._manager.latest_step()
 
   def is_due(self, step: int) -> bool:
@@ -110,21 +128,46 @@ class Checkpoints:
     """Saves `state` (global arrays) and `host_state` (JSON-able) as checkpoint `step`.
 
     A step already saved is not written again. `wait` blocks until the write is committed.
+    Raises the failure of the previous background save, if any, before starting this one.
     """
+    self._finish_pending()
     if step != self._last_saved:
-      meta = {"step": step, **host_state, "config": self._config}
-      self._manager.save(step, args=ocp.args.Composite(
-          state=ocp.args.PyTreeSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+      meta = {"step": step, **copy.deepcopy(host_state), "config": self._config}
+      if self._thread is not None:
+        state = _device_copy(state)  # the next step may donate `state`; the copy stays
+      args = ocp.args.Composite(state=ocp.args.PyTreeSave(state), meta=ocp.args.JsonSave(meta))
+      if self._thread is not None:
+        self._pending = step, self._thread.submit(self._manager.save, step, args=args, force=True)
+      else:
+        self._manager.save(step, args=args, force=True)
       self._last_saved = step
     if wait:
-      self._manager.wait_until_finished()
+      self.wait()
+
+  def _finish_pending(self) -> None:
+    """Waits for the background save, if any; raises its failure (once)."""
+    if self._pending is None:
+      return
+    (step, future), self._pending = self._pending, None
+    try:
+      future.result()
+    except Exception as e:  # noqa: BLE001 - orbax and tensorstore raise many kinds
+      self._last_saved = None  # a retry of `step` writes it again
+      raise RuntimeError(f"saving checkpoint {self.path(step)} in the background failed: "
+                         f"{type(e).__name__}: {e}") from e
 
   def wait(self) -> None:
     """Blocks until every started save is committed."""
+    self._finish_pending()
     self._manager.wait_until_finished()
 
   def close(self) -> None:
-    self._manager.close()
+    try:
+      self._finish_pending()
+    finally:
+      if self._thread is not None:
+        self._thread.shutdown()
+      self._manager.close()
 
   def restore_latest(self, target: Any) -> tuple[Any, dict[str, Any]] | None:
     """`restore(latest_step(), target)`, or None when there is no complete checkpoint."""
@@ -137,6 +180,7 @@ class Checkpoints:
     Raises CheckpointError, naming the path, for a checkpoint of another config, one whose
     arrays do not match `target` (another model or optimizer), or one that cannot be read.
     """
+    self._finish_pending()
     path = self.path(step)
     meta = _reading(path, lambda: self._manager.restore(
         step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta)
@@ -155,6 +199,24 @@ class Checkpoints:
     state = _reading(path, lambda: self._manager.restore(
         step, args=ocp.args.Composite(state=restore)).state)
     return state, meta
+
+
+@jax.jit
+def _copy_arrays(arrays: list[jax.Array]) -> list[jax.Array]:
+  return [jnp.copy(x) for x in arrays]  # new buffers: XLA copies outputs that are inputs
+
+
+def _device_copy(tree: Any) -> Any:
+  """`tree` with its jax.Arrays copied on their devices, one program per device set."""
+  leaves, treedef = jax.tree.flatten(tree)
+  groups: dict[frozenset, list[int]] = {}
+  for i, x in enumerate(leaves):
+    if isinstance(x, jax.Array):
+      groups.setdefault(frozenset(x.sharding.device_set), []).append(i)
+  for indices in groups.values():
+    for i, x in zip(indices, _copy_arrays([leaves[i] for i in indices])):
+      leaves[i] = x
+  return jax.tree.unflatten(treedef, leaves)
 
 
 def _reading(path: str, read):

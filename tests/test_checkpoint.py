@@ -1,4 +1,5 @@
-"""Checkpoints in one process: elastic restore, retention, integrity errors, the preemption flag.
+"""Checkpoints in one process: elastic restore, retention, async saves, integrity errors, the
+preemption flag.
 
 Time budget: 25 s on a 2-core CPU. tests/test_resume.py runs the trainer itself (kill, resume,
 preemption, processes, export).
@@ -8,6 +9,7 @@ import json
 import os
 import shutil
 import signal
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -128,6 +130,64 @@ def test_keeps_the_last_n_and_every_kth(tmp_path):
   restored, meta = ckpts.restore_latest(state)
   np.testing.assert_array_equal(restored["w"], np.arange(4.0) * 10)
   assert not checkpoint.Checkpoints(str(tmp_path), CONFIG_JSON, every_steps=0).is_due(10)
+
+
+def test_async_save_writes_the_state_of_its_step(tmp_path, trained, monkeypatch):
+  """The steps after an async save donate the state it was given; the checkpoint is unchanged."""
+  runner, state8 = trained
+  state = jax.tree.map(jnp.copy, state8)  # the steps donate it: the fixture's state stays
+  ckpts = checkpoint.Checkpoints(str(tmp_path), CONFIG_JSON)
+  release, orbax_save = threading.Event(), ckpts._manager.save
+
+  def late_save(*args, **kwargs):  # orbax's save starts after the steps below, as a slow one would
+    assert release.wait(60)
+    return orbax_save(*args, **kwargs)
+
+  monkeypatch.setattr(ckpts._manager, "save", late_save)
+  given = runner.global_state(state)
+  expected = host(jax.tree.map(jnp.copy, given))  # host views of `given` would stop donation
+  ckpts.save(2, given, {"data": {"position": 32}})
+  for seed in range(3):
+    state, _ = runner.train_step(state, runner.put_batch(batch(seed)), 0.1)
+  assert all(x.is_deleted() for x in jax.tree.leaves(given))  # donated to the steps
+  release.set()
+  ckpts.wait()
+  restored, meta = ckpts.restore(2, runner.global_state(state))
+  assert meta["step"] == 2 and meta["data"] == {"position": 32}
+  assert_trees_equal(restored, expected)
+  assert not np.array_equal(host(state.params)["Dense_0"]["kernel"],
+                            expected.params["Dense_0"]["kernel"])  # the steps changed it
+  ckpts.close()
+
+
+def test_a_failed_background_save_is_raised_by_the_next_call(tmp_path, monkeypatch):
+  ckpts = checkpoint.Checkpoints(str(tmp_path), CONFIG_JSON)
+  state = {"w": jnp.arange(4.0)}
+  orbax_save = ckpts._manager.save
+
+  def full_disk(*args, **kwargs):
+    raise OSError(28, "No space left on device")
+
+  def failed(step):
+    return (rf"^saving checkpoint {tmp_path}/{step} in the background failed: OSError: "
+            r"\[Errno 28\] No space left on device$")
+
+  monkeypatch.setattr(ckpts._manager, "save", full_disk)
+  ckpts.save(1, state, {})
+  with pytest.raises(RuntimeError, match=failed(1)):
+    ckpts.wait()
+  ckpts.wait()  # raised once
+  ckpts.save(2, state, {})
+  with pytest.raises(RuntimeError, match=failed(2)):
+    ckpts.save(3, state, {})  # raised before step 3 is started
+  monkeypatch.setattr(ckpts._manager, "save", orbax_save)
+  ckpts.save(2, state, {}, wait=True)  # the failed step can be saved again
+  assert ckpts.latest_step() == 2
+  monkeypatch.setattr(ckpts._manager, "save", full_disk)
+  ckpts.save(4, state, {})
+  with pytest.raises(RuntimeError, match=failed(4)):
+    ckpts.close()
+  assert sorted(os.listdir(tmp_path)) == ["2"]
 
 
 def test_mismatched_model_or_config_is_one_clear_error(tmp_path, trained):
