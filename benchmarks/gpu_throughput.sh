@@ -2,9 +2,13 @@
 # The single-GPU measurements behind benchmarks/RESULTS.md's GPU section, in one go:
 # the machine and versions, ResNet-50 throughput per precision (with the chip's bf16 matmul
 # ceiling measured in the same run), jaxscale's step against a hand-written jit step, and the
-# time that async and sync checkpoints add.
+# time that async and sync checkpoints add; with LARGE_BATCH_EPOCHS set, also the large-batch
+# grid (benchmarks/large_batch.py, BatchNorm groups as micro-batches, 4 runs at a time; extra
+# trainer flags, e.g. the Fashion-MNIST directory, in LARGE_BATCH_FLAGS).
 #
 #   bash benchmarks/gpu_throughput.sh [output dir, default gpu_results]
+#   LARGE_BATCH_EPOCHS=24 LARGE_BATCH_FLAGS=--config.fashion_mnist_idx_dir=DIR \
+#     bash benchmarks/gpu_throughput.sh
 #
 # Each part has its own time limit, so one slow or failing part does not lose the others.
 set -u
@@ -35,3 +39,9 @@ part step_overhead "${OVERHEAD_LIMIT:-150}" $py benchmarks/step_overhead.py --mo
 part checkpoint "${CHECKPOINT_LIMIT:-120}" $py benchmarks/checkpoint.py --model resnet50 \
   --image-size 224 --num-classes 1000 --global-batch "${BATCH:-256}" --precision bf16 \
   --every 200 --rounds 2
+if [ -n "${LARGE_BATCH_EPOCHS:-}" ]; then
+  part large_batch "${LARGE_BATCH_LIMIT:-420}" $py benchmarks/large_batch.py \
+    --epochs "$LARGE_BATCH_EPOCHS" --bn-groups micro-batches --jobs 4 \
+    --deadline "$(( ${LARGE_BATCH_LIMIT:-420} - 120 ))" --timeout 300 \
+    --out-dir "$out/large_batch" ${LARGE_BATCH_FLAGS:-}
+fi

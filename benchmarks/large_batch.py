@@ -20,8 +20,8 @@ the best of `--lr-factors` times that rate (a small sweep, reported with the rat
                (Goyal et al., arXiv 1706.02677)
   lars         LARS (trust coefficient 0.001, momentum 0.9, weight decay 5e-4),
                square-root scaling from 4.0 at batch 4,096 (You et al., arXiv 1708.03888)
-  lamb         LAMB (weight decay 0.01), square-root scaling from 0.01 at batch 4,096
-               (You et al., arXiv 1904.00962)
+  lamb         LAMB (weight decay 0.01), square-root scaling from 0.04 at batch 4,096
+               (You et al., arXiv 1904.00962; at 0.01 it underfit, RESULTS.md)
   lars_growth  lars, but half the batch for the first third of the epochs (Sony's batch-size
                control, Mikami et al., arXiv 1811.05233); the rate follows the rule per stage
 
@@ -68,7 +68,7 @@ def method_overrides(method: str, size: int, lr_factor: float, epochs: float) ->
     return {**lars, "batch_schedule": f"0:{size // 2},{epochs / 3:g}:{size}"}
   if method == "lamb":
     return {**common, "optimizer.name": "lamb", "optimizer.weight_decay": 0.01,
-            "learning_rate": 0.01 * lr_factor, "reference_batch_size": 4096,
+            "learning_rate": 0.04 * lr_factor, "reference_batch_size": 4096,
             "lr_scaling": "sqrt"}
   raise ValueError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
 

@@ -83,3 +83,46 @@ def test_recipe_builds_and_trains_one_step_at_tiny_size(recipe, tmp_path, capsys
   expected = (f"{small} has no BatchNorm" if small.startswith("vit")
               else "statistics from 2 batches")
   assert f"precise BN: {expected}" in capsys.readouterr().err
+
+
+def _benchmark():
+  import importlib.util
+  spec = importlib.util.spec_from_file_location(
+      "large_batch_benchmark", os.path.join(ROOT, "benchmarks", "large_batch.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_benchmark_normalizes_batchnorm_over_128_examples_at_every_size():
+  bench = _benchmark()
+  runs = {(r["method"], r["global_batch_size"]): r
+          for r in bench.plan(["sgd", "lars_growth"], [128, 4096], [1.0], 8.0)}
+  assert ("lars_growth", 128) not in runs  # growth only for large batches
+  assert runs[("sgd", 128)]["devices"] == 1
+  assert runs[("sgd", 4096)]["devices"] == 32  # 128 examples per device, one BN group each
+  assert runs[("lars_growth", 4096)]["devices"] == 16  # of the first stage, 2,048
+  assert runs[("lars_growth", 4096)]["overrides"]["batch_schedule"] == "0:2048,2.66667:4096"
+  assert all(r["overrides"]["bn_group_size"] == 1 for r in runs.values())
+  micro = bench.plan(["lars"], [4096], [2.0], 8.0, "micro-batches")[0]
+  assert micro["devices"] == 1 and micro["overrides"]["max_per_device_batch"] == 128
+  assert micro["overrides"]["learning_rate"] == 8.0
+  for run in [*runs.values(), micro]:  # each config is one the trainer accepts
+    config = config_lib.load(bench.QUICKSTART, [f"{k}={v}" for k, v in run["overrides"].items()])
+    config_lib.validate(config, run["devices"])
+
+
+def test_benchmark_report_keeps_the_best_rate_per_cell(tmp_path):
+  bench = _benchmark()
+  results = [{"method": "sgd", "global_batch_size": 128, "lr_factor": 1.0, "epochs": 8.0,
+              "accuracy": 0.9, "peak_lr": 0.2},
+             {"method": "lars", "global_batch_size": 4096, "lr_factor": 1.0, "epochs": 8.0,
+              "accuracy": 0.85, "peak_lr": 4.0},
+             {"method": "lars", "global_batch_size": 4096, "lr_factor": 2.0, "epochs": 8.0,
+              "accuracy": 0.87, "peak_lr": 8.0},
+             {"method": "lars", "global_batch_size": 8192, "lr_factor": 1.0, "epochs": 8.0,
+              "error": "exit 1: boom"}]
+  table = bench.report(results, str(tmp_path))
+  assert "baseline: sgd at batch 128, 90.00%" in table
+  assert "| 4,096 | 14.6 | - | 87.00% (8) |" in table
+  assert "1 runs failed: lars 8192 x1: exit 1: boom" in table
