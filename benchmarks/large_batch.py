@@ -50,6 +50,11 @@ METHODS = ("sgd", "lars", "lamb", "lars_growth")
 BN_EXAMPLES = 128  # per device, hence per BatchNorm group
 
 
+def first_batch(method: str, size: int) -> int:
+  """The global batch a run of `method` at `size` starts with: half of it for growth."""
+  return size // 2 if method == "lars_growth" else size
+
+
 def method_overrides(method: str, size: int, lr_factor: float, epochs: float) -> dict:
   """Config overrides for one run: `method` at global batch `size`."""
   common = {"num_epochs": epochs, "global_batch_size": size, "lr_schedule.name": "poly",
@@ -65,7 +70,7 @@ def method_overrides(method: str, size: int, lr_factor: float, epochs: float) ->
   if method == "lars":
     return lars
   if method == "lars_growth":
-    return {**lars, "batch_schedule": f"0:{size // 2},{epochs / 3:g}:{size}"}
+    return {**lars, "batch_schedule": f"0:{first_batch(method, size)},{epochs / 3:g}:{size}"}
   if method == "lamb":
     return {**common, "optimizer.name": "lamb", "optimizer.weight_decay": 0.01,
             "learning_rate": 0.04 * lr_factor, "reference_batch_size": 4096,
@@ -115,11 +120,10 @@ def plan(methods: list[str], sizes: list[int], factors: list[float], epochs: flo
         if method == "lars_growth" and size < 1024:
           continue  # growth is for the large batches
         overrides = method_overrides(method, size, factor, epochs)
-        # One device per 128 examples of the first stage (growth: of the smaller batch).
-        first = size // 2 if method == "lars_growth" else size
-        devices = max(1, first // BN_EXAMPLES) if bn_groups == "devices" else 1
-        if bn_groups == "micro-batches":
-          overrides["max_per_device_batch"] = BN_EXAMPLES
+        if bn_groups == "devices":  # one device per 128 examples of the first stage
+          devices = max(1, first_batch(method, size) // BN_EXAMPLES)
+        else:
+          devices, overrides["max_per_device_batch"] = 1, BN_EXAMPLES
         runs.append({"method": method, "global_batch_size": size, "lr_factor": factor,
                      "epochs": epochs, "devices": devices, "overrides": overrides})
   return runs

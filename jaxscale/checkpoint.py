@@ -133,13 +133,13 @@ class Checkpoints:
     self._finish_pending()
     if step != self._last_saved:
       meta = {"step": step, **copy.deepcopy(host_state), "config": self._config}
-      if self._thread is not None:
-        state = _device_copy(state)  # the next step may donate `state`; the copy stays
-      args = ocp.args.Composite(state=ocp.args.PyTreeSave(state), meta=ocp.args.JsonSave(meta))
-      if self._thread is not None:
-        self._pending = step, self._thread.submit(self._manager.save, step, args=args, force=True)
-      else:
-        self._manager.save(step, args=args, force=True)
+      def args(state):
+        return ocp.args.Composite(state=ocp.args.PyTreeSave(state), meta=ocp.args.JsonSave(meta))
+      if self._thread is None:
+        self._manager.save(step, args=args(state), force=True)
+      else:  # the next step may donate `state`; its device copy stays
+        self._pending = step, self._thread.submit(self._manager.save, step,
+                                                  args=args(_device_copy(state)), force=True)
       self._last_saved = step
     if wait:
       self.wait()
