@@ -132,6 +132,17 @@ def test_keeps_the_last_n_and_every_kth(tmp_path):
   assert not checkpoint.Checkpoints(str(tmp_path), CONFIG_JSON, every_steps=0).is_due(10)
 
 
+def test_arrays_are_written_uncompressed(tmp_path):
+  """zstd would shrink these weights to ~92% and cost host CPU per save (docs/checkpoints.md)."""
+  weights = np.random.default_rng(0).normal(0, 0.02, (256, 1024)).astype(np.float32)
+  ckpts = checkpoint.Checkpoints(str(tmp_path), CONFIG_JSON, async_save=False)
+  ckpts.save(1, {"w": jnp.asarray(weights)}, {})
+  ckpts.close()
+  on_disk = sum(os.path.getsize(os.path.join(d, f))
+                for d, _, files in os.walk(tmp_path / "1" / "state") for f in files)
+  assert on_disk >= weights.nbytes
+
+
 def test_async_save_writes_the_state_of_its_step(tmp_path, trained, monkeypatch):
   """The steps after an async save donate the state it was given; the checkpoint is unchanged."""
   runner, state8 = trained
