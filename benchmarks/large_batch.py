@@ -21,7 +21,7 @@ the best of `--lr-factors` times that rate (a small sweep, reported with the rat
   lars         LARS (trust coefficient 0.001, momentum 0.9, weight decay 5e-4),
                square-root scaling from 4.0 at batch 4,096 (You et al., arXiv 1708.03888)
   lamb         LAMB (weight decay 0.01), square-root scaling from 0.04 at batch 4,096
-               (You et al., arXiv 1904.00962; at 0.01 it underfit, RESULTS.md)
+               (You et al., arXiv 1904.00962; 0.01 underfit, 0.08 did worse, RESULTS.md)
   lars_growth  lars, but half the batch for the first third of the epochs (Sony's batch-size
                control, Mikami et al., arXiv 1811.05233); the rate follows the rule per stage
 
@@ -216,7 +216,7 @@ def main() -> None:
     from jaxscale import config as config_lib, data  # convert Fashion-MNIST once, up front
     data.load_dataset(config_lib.load(QUICKSTART, [e[len("--config."):] for e in extra]))
     start = time.time()
-    with tempfile.TemporaryDirectory() as tmp, open(log_path, "a") as log, \
+    with tempfile.TemporaryDirectory() as tmp, \
         concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
       def job(i: int, run: dict) -> dict | None:
         if args.deadline and time.time() - start > args.deadline:
@@ -225,9 +225,9 @@ def main() -> None:
       futures = [pool.submit(job, i, run) for i, run in enumerate(runs)]
       for future in concurrent.futures.as_completed(futures):  # written as each one ends
         result = future.result()
-        if result is not None:
-          log.write(json.dumps(result) + "\n")
-          log.flush()
+        if result is not None:  # opened per line: the file may be replaced during hours of runs
+          with open(log_path, "a") as log:
+            log.write(json.dumps(result) + "\n")
           print(json.dumps(result), flush=True)
   with open(log_path) as f:
     results = [json.loads(line) for line in f]
