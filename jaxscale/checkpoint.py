@@ -96,8 +96,8 @@ class Checkpoints:
     self.every_steps = every_steps
     self._config = json.loads(config_json)
     registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
-    # No zstd: trained float32 weights shrink by ~8% and the compression costs host CPU time
-    # that the step and the input pipeline need (docs/checkpoints.md).
+    # No zstd: float32 weights barely compress (random-looking mantissas), and compressing
+    # costs host CPU time that the step and the input pipeline need (docs/checkpoints.md).
     state_handler = ocp.PyTreeCheckpointHandler(type_handler_registry=_TYPE_HANDLERS,
                                                 use_compression=False)
     registry.add("state", ocp.args.PyTreeSave, state_handler)
