@@ -4,7 +4,7 @@ The records' claim at small scale: plain SGD with linear learning-rate scaling l
 as the batch grows, layer-wise adaptive rates (LARS, LAMB) and batch growth keep it. Every run
 is `jaxscale.train` on the quickstart recipe (configs/quickstart.py: resnet8, Fashion-MNIST)
 with the same epoch budget and schedule shape (linear warm-up over the first epoch, then
-polynomial decay of power 2, the MLPerf LARS form) and precise BN over 16 batches before eval
+polynomial decay, of power 2 as in MLPerf's LARS unless `--decay-powers` says otherwise) and precise BN over 16 batches before eval
 (at 4-15 steps per epoch BatchNorm's running averages lag the weights), in its own process;
 runs go `--jobs` at a time. Every run normalizes BatchNorm over 128 examples, as a cluster of
 batch / 128 devices would (Goyal et al. keep 32 per GPU), so the batch size alone varies. With
@@ -24,6 +24,7 @@ the best of `--lr-factors` times that rate (a small sweep, reported with the rat
                (You et al., arXiv 1904.00962; 0.01 underfit, 0.08 did worse, RESULTS.md)
   lars_growth  lars, but half the batch for the first third of the epochs (Sony's batch-size
                control, Mikami et al., arXiv 1811.05233); the rate follows the rule per stage
+  lamb_growth  lamb, with the same growth
 
   python benchmarks/large_batch.py --jobs 4 --bn-groups micro-batches  # one GPU: the grid
   python benchmarks/large_batch.py --sizes 128,4096 --methods sgd,lars --epochs 1   # a check
@@ -46,35 +47,36 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICKSTART = os.path.join(ROOT, "configs", "quickstart.py")
-METHODS = ("sgd", "lars", "lamb", "lars_growth")
+METHODS = ("sgd", "lars", "lamb", "lars_growth", "lamb_growth")
 BN_EXAMPLES = 128  # per device, hence per BatchNorm group
 
 
 def first_batch(method: str, size: int) -> int:
   """The global batch a run of `method` at `size` starts with: half of it for growth."""
-  return size // 2 if method == "lars_growth" else size
+  return size // 2 if method.endswith("_growth") else size
 
 
-def method_overrides(method: str, size: int, lr_factor: float, epochs: float) -> dict:
+def method_overrides(method: str, size: int, lr_factor: float, epochs: float,
+                     decay_power: float = 2.0) -> dict:
   """Config overrides for one run: `method` at global batch `size`."""
   common = {"num_epochs": epochs, "global_batch_size": size, "lr_schedule.name": "poly",
-            "lr_schedule.power": 2.0, "lr_schedule.warmup_epochs": min(1.0, epochs / 4),
+            "lr_schedule.power": decay_power, "lr_schedule.warmup_epochs": min(1.0, epochs / 4),
             "precise_bn_batches": 16, "bn_group_size": 1, "eval_batch_size": 1024}
   if method == "sgd":
     return {**common, "optimizer.name": "sgd", "optimizer.weight_decay": 5e-4,
             "learning_rate": 0.2 * lr_factor, "reference_batch_size": 128,
             "lr_scaling": "linear"}
-  lars = {**common, "optimizer.name": "lars", "optimizer.weight_decay": 5e-4,
-          "optimizer.trust_coefficient": 0.001, "learning_rate": 4.0 * lr_factor,
-          "reference_batch_size": 4096, "lr_scaling": "sqrt"}
-  if method == "lars":
-    return lars
-  if method == "lars_growth":
-    return {**lars, "batch_schedule": f"0:{first_batch(method, size)},{epochs / 3:g}:{size}"}
-  if method == "lamb":
-    return {**common, "optimizer.name": "lamb", "optimizer.weight_decay": 0.01,
-            "learning_rate": 0.04 * lr_factor, "reference_batch_size": 4096,
-            "lr_scaling": "sqrt"}
+  base = {"lars": {**common, "optimizer.name": "lars", "optimizer.weight_decay": 5e-4,
+                   "optimizer.trust_coefficient": 0.001, "learning_rate": 4.0 * lr_factor,
+                   "reference_batch_size": 4096, "lr_scaling": "sqrt"},
+          "lamb": {**common, "optimizer.name": "lamb", "optimizer.weight_decay": 0.01,
+                   "learning_rate": 0.04 * lr_factor, "reference_batch_size": 4096,
+                   "lr_scaling": "sqrt"}}
+  if method in base:
+    return base[method]
+  if method.removesuffix("_growth") in base:
+    return {**base[method.removesuffix("_growth")],
+            "batch_schedule": f"0:{first_batch(method, size)},{epochs / 3:g}:{size}"}
   raise ValueError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
 
 
@@ -109,23 +111,24 @@ def train(run: dict, workdir: str, extra: list[str], timeout: float) -> dict:
 
 
 def plan(methods: list[str], sizes: list[int], factors: list[float], epochs: float,
-         bn_groups: str = "devices") -> list[dict]:
-  """Every run, the first factor of every cell before any cell's second: a run cut short by
-  the deadline loses sweep points, not whole cells. `bn_groups`: how BatchNorm gets groups of
-  BN_EXAMPLES, "devices" (one host CPU device each) or "micro-batches" (on one device)."""
+         bn_groups: str = "devices", powers: tuple[float, ...] = (2.0,)) -> list[dict]:
+  """Every run, the first (power, factor) of every cell before any cell's second: a run cut
+  short by the deadline loses sweep points, not whole cells. `bn_groups`: how BatchNorm gets
+  groups of BN_EXAMPLES, "devices" (one host CPU device each) or "micro-batches" (on one
+  device). `powers`: the decay powers swept, like the rate factors."""
   runs = []
-  for factor in factors:
+  for power, factor in [(p, f) for p in powers for f in factors]:
     for method in methods:
       for size in sizes:
-        if method == "lars_growth" and size < 1024:
+        if method.endswith("_growth") and size < 1024:
           continue  # growth is for the large batches
-        overrides = method_overrides(method, size, factor, epochs)
+        overrides = method_overrides(method, size, factor, epochs, power)
         if bn_groups == "devices":  # one device per 128 examples of the first stage
           devices = max(1, first_batch(method, size) // BN_EXAMPLES)
         else:
           devices, overrides["max_per_device_batch"] = 1, BN_EXAMPLES
         runs.append({"method": method, "global_batch_size": size, "lr_factor": factor,
-                     "epochs": epochs, "devices": devices, "overrides": overrides})
+                     "decay_power": power, "epochs": epochs, "devices": devices, "overrides": overrides})
   return runs
 
 
@@ -138,6 +141,10 @@ def best_per_cell(results: list[dict]) -> dict[tuple[str, int], dict]:
   return best
 
 
+def decay_power(run: dict) -> float:
+  return run.get("decay_power", run.get("overrides", {}).get("lr_schedule.power", 2.0))
+
+
 def report(results: list[dict], out_dir: str) -> str:
   """The markdown table (best of the sweep per cell) and, with matplotlib, the plot."""
   best = best_per_cell(results)
@@ -145,8 +152,10 @@ def report(results: list[dict], out_dir: str) -> str:
   sizes = sorted({k[1] for k in best})
   baseline = best.get(("sgd", min(sizes))) if sizes else None
   epochs = results[0]["epochs"] if results else 0
+  powers = {decay_power(r) for r in results}
   lines = [f"Fashion-MNIST test accuracy, resnet8, {epochs:g} epochs at every batch size; each "
-           "cell the best of its learning-rate sweep (peak rate in brackets); "
+           "cell the best of its learning-rate sweep (peak rate"
+           + (" and decay power" if len(powers) > 1 else "") + " in brackets); "
            + (f"baseline: sgd at batch {min(sizes)}, {100 * baseline['accuracy']:.2f}%."
               if baseline else "no baseline run."), "",
            "| global batch | steps/epoch | " + " | ".join(methods) + " |",
@@ -155,8 +164,9 @@ def report(results: list[dict], out_dir: str) -> str:
     cells = []
     for m in methods:
       r = best.get((m, size))
+      power = f", power {decay_power(r):g}" if r and len(powers) > 1 else ""
       cells.append("-" if r is None else
-                   f"{100 * r['accuracy']:.2f}% ({r['peak_lr']:.3g})")
+                   f"{100 * r['accuracy']:.2f}% ({r['peak_lr']:.3g}{power})")
     lines.append(f"| {size:,} | {60000 / size:.1f} | " + " | ".join(cells) + " |")
   failed = [r for r in results if "error" in r]
   if failed:
@@ -191,11 +201,13 @@ def report(results: list[dict], out_dir: str) -> str:
 
 
 def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
   parser.add_argument("--methods", default=",".join(METHODS))
   parser.add_argument("--sizes", default="128,1024,4096,8192,16384")
   parser.add_argument("--lr-factors", default="1,0.5,2",
                       help="multiples of each method's scaled rate, in the order they are run")
+  parser.add_argument("--decay-powers", default="2",
+                      help="powers of the polynomial decay, swept like the rate factors")
   parser.add_argument("--epochs", type=float, default=6.0)
   parser.add_argument("--jobs", type=int, default=1, help="runs at a time")
   parser.add_argument("--bn-groups", choices=("devices", "micro-batches"), default="devices",
@@ -212,7 +224,15 @@ def main() -> None:
 
   if not args.report:
     runs = plan(args.methods.split(","), [int(s) for s in args.sizes.split(",")],
-                [float(f) for f in args.lr_factors.split(",")], args.epochs, args.bn_groups)
+                [float(f) for f in args.lr_factors.split(",")], args.epochs, args.bn_groups,
+                [float(p) for p in args.decay_powers.split(",")])
+    for e in extra:  # the jsonl must say what each run did: the sweep's keys stay the sweep's
+      key = e.split("=", 1)[0].removeprefix("--config.")
+      if not e.startswith("--config."):
+        parser.error(f"unrecognized argument {e}")
+      if any(key in run["overrides"] for run in runs):
+        parser.error(f"--config.{key} is set per run by this benchmark (method_overrides); "
+                     "change it there or through --lr-factors/--decay-powers")
     from jaxscale import config as config_lib, data  # convert Fashion-MNIST once, up front
     data.load_dataset(config_lib.load(QUICKSTART, [e[len("--config."):] for e in extra]))
     start = time.time()

@@ -1,6 +1,8 @@
 """Batch growth in the trainer, and the records' recipes built and run at tiny size."""
 import json
 import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -104,10 +106,16 @@ def test_benchmark_normalizes_batchnorm_over_128_examples_at_every_size():
   assert runs[("lars_growth", 4096)]["devices"] == 16  # of the first stage, 2,048
   assert runs[("lars_growth", 4096)]["overrides"]["batch_schedule"] == "0:2048,2.66667:4096"
   assert all(r["overrides"]["bn_group_size"] == 1 for r in runs.values())
+  growth = bench.plan(["lamb_growth"], [8192], [1.0], 24.0, powers=(1.0, 2.0))
+  assert [r["decay_power"] for r in growth] == [1.0, 2.0]  # a sweep, recorded per run
+  assert [r["overrides"]["lr_schedule.power"] for r in growth] == [1.0, 2.0]
+  assert growth[0]["overrides"]["optimizer.name"] == "lamb"
+  assert growth[0]["overrides"]["batch_schedule"] == "0:4096,8:8192"
+  assert growth[0]["devices"] == 32
   micro = bench.plan(["lars"], [4096], [2.0], 8.0, "micro-batches")[0]
   assert micro["devices"] == 1 and micro["overrides"]["max_per_device_batch"] == 128
   assert micro["overrides"]["learning_rate"] == 8.0
-  for run in [*runs.values(), micro]:  # each config is one the trainer accepts
+  for run in [*runs.values(), *growth, micro]:  # each config is one the trainer accepts
     config = config_lib.load(bench.QUICKSTART, [f"{k}={v}" for k, v in run["overrides"].items()])
     config_lib.validate(config, run["devices"])
 
@@ -126,3 +134,20 @@ def test_benchmark_report_keeps_the_best_rate_per_cell(tmp_path):
   assert "baseline: sgd at batch 128, 90.00%" in table
   assert "| 4,096 | 14.6 | - | 87.00% (8) |" in table
   assert "1 runs failed: lars 8192 x1: exit 1: boom" in table
+  assert "decay power" not in table  # one power: not repeated in every cell
+  results.append({**results[1], "accuracy": 0.88, "decay_power": 1.0})
+  table = bench.report(results, str(tmp_path))
+  assert "| 4,096 | 14.6 | - | 88.00% (4, power 1) |" in table
+  assert "baseline: sgd at batch 128, 90.00%" in table
+
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--config.lr_schedule.power=1"], "--config.lr_schedule.power is set per run"),
+    (["--epoch", "3"], "unrecognized argument --epoch"),  # no prefix matching: a typo runs nothing
+])
+def test_benchmark_rejects_flags_that_would_mislabel_its_runs(argv, message):
+  proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "large_batch.py"),
+                         "--methods", "lamb", "--sizes", "4096", *argv],
+                        capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 2 and message in proc.stderr, proc.stderr
