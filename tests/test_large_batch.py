@@ -151,3 +151,11 @@ def test_benchmark_rejects_flags_that_would_mislabel_its_runs(argv, message):
                          "--methods", "lamb", "--sizes", "4096", *argv],
                         capture_output=True, text=True, timeout=120)
   assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+
+
+def test_benchmark_report_without_results_names_the_file(tmp_path):
+  proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "large_batch.py"),
+                         "--report", "--out-dir", str(tmp_path)],
+                        capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 2, proc.stderr
+  assert f"{tmp_path}/large_batch.jsonl: no results to report" in proc.stderr
