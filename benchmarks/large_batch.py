@@ -74,12 +74,13 @@ def method_overrides(method: str, size: int, lr_factor: float, epochs: float,
           "lamb": {**common, "optimizer.name": "lamb", "optimizer.weight_decay": 0.01,
                    "learning_rate": 0.04 * lr_factor, "reference_batch_size": 4096,
                    "lr_scaling": "sqrt"}}
-  if method in base:
+  optimizer = method.removesuffix("_growth")
+  if optimizer not in base:
+    raise ValueError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
+  if optimizer == method:
     return base[method]
-  if method.removesuffix("_growth") in base:
-    return {**base[method.removesuffix("_growth")],
-            "batch_schedule": f"0:{first_batch(method, size)},{epochs / 3:g}:{size}"}
-  raise ValueError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
+  return {**base[optimizer],
+          "batch_schedule": f"0:{first_batch(method, size)},{epochs / 3:g}:{size}"}
 
 
 def train(run: dict, workdir: str, extra: list[str], timeout: float) -> dict:
@@ -130,7 +131,7 @@ def plan(methods: list[str], sizes: list[int], factors: list[float], epochs: flo
         else:
           devices, overrides["max_per_device_batch"] = 1, BN_EXAMPLES
         runs.append({"method": method, "global_batch_size": size, "lr_factor": factor,
-                     "decay_power": power, "epochs": epochs, "devices": devices, "overrides": overrides})
+                     "epochs": epochs, "devices": devices, "overrides": overrides})
   return runs
 
 
@@ -144,7 +145,8 @@ def best_per_cell(results: list[dict]) -> dict[tuple[str, int], dict]:
 
 
 def decay_power(run: dict) -> float:
-  return run.get("decay_power", run.get("overrides", {}).get("lr_schedule.power", 2.0))
+  """The run's decay power; 2 for runs from before the benchmark swept it."""
+  return run.get("overrides", {}).get("lr_schedule.power", 2.0)
 
 
 def report(results: list[dict], out_dir: str) -> str:
@@ -229,9 +231,9 @@ def main() -> None:
                 [float(f) for f in args.lr_factors.split(",")], args.epochs, args.bn_groups,
                 [float(p) for p in args.decay_powers.split(",")])
     for e in extra:  # the jsonl must say what each run did: the sweep's keys stay the sweep's
-      key = e.split("=", 1)[0].removeprefix("--config.")
       if not e.startswith("--config."):
         parser.error(f"unrecognized argument {e}")
+      key = e.split("=", 1)[0].removeprefix("--config.")
       if any(key in run["overrides"] for run in runs):
         parser.error(f"--config.{key} is set per run by this benchmark (method_overrides); "
                      "change it there or through --lr-factors/--decay-powers")

@@ -87,10 +87,12 @@ def test_recipe_builds_and_trains_one_step_at_tiny_size(recipe, tmp_path, capsys
   assert f"precise BN: {expected}" in capsys.readouterr().err
 
 
+BENCHMARK = os.path.join(ROOT, "benchmarks", "large_batch.py")
+
+
 def _benchmark():
   import importlib.util
-  spec = importlib.util.spec_from_file_location(
-      "large_batch_benchmark", os.path.join(ROOT, "benchmarks", "large_batch.py"))
+  spec = importlib.util.spec_from_file_location("large_batch_benchmark", BENCHMARK)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module
@@ -107,7 +109,7 @@ def test_benchmark_normalizes_batchnorm_over_128_examples_at_every_size():
   assert runs[("lars_growth", 4096)]["overrides"]["batch_schedule"] == "0:2048,2.66667:4096"
   assert all(r["overrides"]["bn_group_size"] == 1 for r in runs.values())
   growth = bench.plan(["lamb_growth"], [8192], [1.0], 24.0, powers=(1.0, 2.0))
-  assert [r["decay_power"] for r in growth] == [1.0, 2.0]  # a sweep, recorded per run
+  assert [bench.decay_power(r) for r in growth] == [1.0, 2.0]  # a sweep, recorded per run
   assert [r["overrides"]["lr_schedule.power"] for r in growth] == [1.0, 2.0]
   assert growth[0]["overrides"]["optimizer.name"] == "lamb"
   assert growth[0]["overrides"]["batch_schedule"] == "0:4096,8:8192"
@@ -135,11 +137,15 @@ def test_benchmark_report_keeps_the_best_rate_per_cell(tmp_path):
   assert "| 4,096 | 14.6 | - | 87.00% (8) |" in table
   assert "1 runs failed: lars 8192 x1: exit 1: boom" in table
   assert "decay power" not in table  # one power: not repeated in every cell
-  results.append({**results[1], "accuracy": 0.88, "decay_power": 1.0})
+  results.append({**results[1], "accuracy": 0.88, "overrides": {"lr_schedule.power": 1.0}})
   table = bench.report(results, str(tmp_path))
   assert "| 4,096 | 14.6 | - | 88.00% (4, power 1) |" in table
   assert "baseline: sgd at batch 128, 90.00%" in table
 
+
+def _run_benchmark(*argv: str) -> subprocess.CompletedProcess:
+  return subprocess.run([sys.executable, BENCHMARK, *argv], capture_output=True, text=True,
+                        timeout=120)
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -147,15 +153,11 @@ def test_benchmark_report_keeps_the_best_rate_per_cell(tmp_path):
     (["--epoch", "3"], "unrecognized argument --epoch"),  # no prefix matching: a typo runs nothing
 ])
 def test_benchmark_rejects_flags_that_would_mislabel_its_runs(argv, message):
-  proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "large_batch.py"),
-                         "--methods", "lamb", "--sizes", "4096", *argv],
-                        capture_output=True, text=True, timeout=120)
+  proc = _run_benchmark("--methods", "lamb", "--sizes", "4096", *argv)
   assert proc.returncode == 2 and message in proc.stderr, proc.stderr
 
 
 def test_benchmark_report_without_results_names_the_file(tmp_path):
-  proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "large_batch.py"),
-                         "--report", "--out-dir", str(tmp_path)],
-                        capture_output=True, text=True, timeout=120)
+  proc = _run_benchmark("--report", "--out-dir", str(tmp_path))
   assert proc.returncode == 2, proc.stderr
   assert f"{tmp_path}/large_batch.jsonl: no results to report" in proc.stderr
