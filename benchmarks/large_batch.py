@@ -149,9 +149,15 @@ def decay_power(run: dict) -> float:
   return run.get("overrides", {}).get("lr_schedule.power", 2.0)
 
 
+def sweep_point(run: dict) -> tuple:
+  """What a run measured: a later run of the same point supersedes a failed one."""
+  return run["method"], run["global_batch_size"], run["lr_factor"], decay_power(run)
+
+
 def report(results: list[dict], out_dir: str) -> str:
   """The markdown table (best of the sweep per cell) and, with matplotlib, the plot."""
   best = best_per_cell(results)
+  completed = {sweep_point(r) for r in results if "accuracy" in r}
   methods = [m for m in METHODS if any(k[0] == m for k in best)]
   sizes = sorted({k[1] for k in best})
   baseline = best.get(("sgd", min(sizes))) if sizes else None
@@ -172,7 +178,7 @@ def report(results: list[dict], out_dir: str) -> str:
       cells.append("-" if r is None else
                    f"{100 * r['accuracy']:.2f}% ({r['peak_lr']:.3g}{power})")
     lines.append(f"| {size:,} | {60000 / size:.1f} | " + " | ".join(cells) + " |")
-  failed = [r for r in results if "error" in r]
+  failed = [r for r in results if "error" in r and sweep_point(r) not in completed]
   if failed:
     lines += ["", f"{len(failed)} runs failed: " + "; ".join(
         f"{r['method']} {r['global_batch_size']} x{r['lr_factor']:g}: {r['error'][-120:]}"

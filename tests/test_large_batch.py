@@ -141,6 +141,11 @@ def test_benchmark_report_keeps_the_best_rate_per_cell(tmp_path):
   table = bench.report(results, str(tmp_path))
   assert "| 4,096 | 14.6 | - | 88.00% (4, power 1) |" in table
   assert "baseline: sgd at batch 128, 90.00%" in table
+  rerun = {k: v for k, v in results[3].items() if k != "error"}
+  results.append({**rerun, "accuracy": 0.8, "peak_lr": 5.66})
+  table = bench.report(results, str(tmp_path))
+  assert "failed" not in table  # the rerun of the same sweep point supersedes the failure
+  assert "| 8,192 | 7.3 | - | 80.00% (5.66, power 2) |" in table
 
 
 def _run_benchmark(*argv: str) -> subprocess.CompletedProcess:
