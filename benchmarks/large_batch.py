@@ -118,7 +118,8 @@ def plan(methods: list[str], sizes: list[int], factors: list[float], epochs: flo
   """Every run, the first (power, factor) of every cell before any cell's second: a run cut
   short by the deadline loses sweep points, not whole cells. `bn_groups`: how BatchNorm gets
   groups of BN_EXAMPLES, "devices" (one host CPU device each) or "micro-batches" (on one
-  device). `powers`: the decay powers swept, like the rate factors."""
+  device; a growth run keeps its first stage's devices, so its groups double with the batch).
+  `powers`: the decay powers swept, like the rate factors."""
   runs = []
   for power, factor in [(p, f) for p in powers for f in factors]:
     for method in methods:
