@@ -58,6 +58,12 @@ def first_batch(method: str, size: int) -> int:
   return size // 2 if method.endswith("_growth") else size
 
 
+def known_method(name: str) -> str:
+  if name not in METHODS:
+    raise ValueError(f"unknown method {name!r}; known: {', '.join(METHODS)}")
+  return name
+
+
 def method_overrides(method: str, size: int, lr_factor: float, epochs: float,
                      decay_power: float = 1.0) -> dict:
   """Config overrides for one run: `method` at global batch `size`."""
@@ -74,9 +80,7 @@ def method_overrides(method: str, size: int, lr_factor: float, epochs: float,
           "lamb": {**common, "optimizer.name": "lamb", "optimizer.weight_decay": 0.01,
                    "learning_rate": 0.04 * lr_factor, "reference_batch_size": 4096,
                    "lr_scaling": "sqrt"}}
-  optimizer = method.removesuffix("_growth")
-  if optimizer not in base:
-    raise ValueError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
+  optimizer = known_method(method).removesuffix("_growth")
   if optimizer == method:
     return base[method]
   return {**base[optimizer],
@@ -211,13 +215,23 @@ def report(results: list[dict], out_dir: str) -> str:
   return text
 
 
+def comma_list(convert):
+  """An argparse type: "a,b" -> [convert(a), convert(b)], the bad item named on error."""
+  def parse(text: str) -> list:
+    try:
+      return [convert(item) for item in text.split(",")]
+    except ValueError as e:
+      raise argparse.ArgumentTypeError(f"{text!r}: {e}") from None
+  return parse
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
-  parser.add_argument("--methods", default=",".join(METHODS))
-  parser.add_argument("--sizes", default="128,1024,4096,8192,16384")
-  parser.add_argument("--lr-factors", default="1,0.5,2",
+  parser.add_argument("--methods", type=comma_list(known_method), default=",".join(METHODS))
+  parser.add_argument("--sizes", type=comma_list(int), default="128,1024,4096,8192,16384")
+  parser.add_argument("--lr-factors", type=comma_list(float), default="1,0.5,2",
                       help="multiples of each method's scaled rate, in the order they are run")
-  parser.add_argument("--decay-powers", default="1",
+  parser.add_argument("--decay-powers", type=comma_list(float), default="1",
                       help="powers of the polynomial decay, swept like the rate factors")
   parser.add_argument("--epochs", type=float, default=6.0)
   parser.add_argument("--jobs", type=int, default=1, help="runs at a time")
@@ -234,9 +248,8 @@ def main() -> None:
   log_path = os.path.join(args.out_dir, "large_batch.jsonl")
 
   if not args.report:
-    runs = plan(args.methods.split(","), [int(s) for s in args.sizes.split(",")],
-                [float(f) for f in args.lr_factors.split(",")], args.epochs, args.bn_groups,
-                [float(p) for p in args.decay_powers.split(",")])
+    runs = plan(args.methods, args.sizes, args.lr_factors, args.epochs, args.bn_groups,
+                args.decay_powers)
     for e in extra:  # the jsonl must say what each run did: the sweep's keys stay the sweep's
       if not e.startswith("--config."):
         parser.error(f"unrecognized argument {e}")

@@ -156,6 +156,8 @@ def _run_benchmark(*argv: str) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize("argv, message", [
     (["--config.lr_schedule.power=1"], "--config.lr_schedule.power is set per run"),
     (["--epoch", "3"], "unrecognized argument --epoch"),  # no prefix matching: a typo runs nothing
+    (["--sizes", "4096,8k"], "argument --sizes: '4096,8k': invalid literal for int()"),
+    (["--methods", "lamb,lasr"], "argument --methods: 'lamb,lasr': unknown method 'lasr'; known:"),
 ])
 def test_benchmark_rejects_flags_that_would_mislabel_its_runs(argv, message):
   proc = _run_benchmark("--methods", "lamb", "--sizes", "4096", *argv)
