@@ -106,6 +106,11 @@ def main() -> None:
   parser.add_argument("--matmul", action="store_true",
                       help="also measure a bf16 8192^3 matrix product (the practical ceiling)")
   args = parser.parse_args()
+  for policy in args.policies.split(","):  # all of them checked before minutes of measuring
+    try:
+      precision.parse_policy(policy)
+    except ValueError as e:
+      parser.error(f"argument --policies: {e}")
 
   device = jax.devices()[0]
   name = getattr(device, "device_kind", device.platform)

@@ -6,6 +6,8 @@ tests that need it).
 import functools
 import json
 import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -381,3 +383,12 @@ def test_nonfinite_run_stops_with_its_message(tmp_path, capsys):
   assert [e["step"] for e in events] == [1, 2, 3, 4]  # stopped at once: no step 5, no eval
   assert [e["skipped_steps"] for e in events] == [0, 1, 2, 3]
   assert [e["loss_scale"] for e in events] == [1.0] * 4
+
+
+def test_throughput_benchmark_rejects_a_bad_policy_before_measuring():
+  benchmark = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "resnet50_throughput.py")
+  proc = subprocess.run([sys.executable, benchmark, "--policies", "bf16,fp8"],
+                        capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 2, proc.stderr
+  assert "argument --policies: config key 'precision': cannot read 'fp8'" in proc.stderr
+  assert "| bf16 |" not in proc.stdout  # nothing measured first
