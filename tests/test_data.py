@@ -45,6 +45,23 @@ def test_missing_data_names_the_options(tmp_path, monkeypatch):
     sources._fashion_mnist_builder(config.data_dir, config.fashion_mnist_idx_dir)
 
 
+def test_a_conversion_finished_first_by_another_run_is_reused(fmnist, tfds_dir, monkeypatch):
+  # Two runs sharing data_dir both see it unprepared; the slower one's final rename then fails.
+  real_is_prepared, checks = fashion_mnist.FashionMnistIdx.is_prepared, []
+  def is_prepared(self):
+    checks.append(self)
+    return len(checks) > 1 and real_is_prepared(self)
+  monkeypatch.setattr(fashion_mnist.FashionMnistIdx, "is_prepared", is_prepared)
+  def lost_the_race(*args, **kwargs):
+    raise FileExistsError("Destination fashion_mnist_idx/1.0.0 already exists.")
+  monkeypatch.setattr(fashion_mnist.FashionMnistIdx, "download_and_prepare", lost_the_race)
+  builder = fashion_mnist.prepare(IDX_DIR, tfds_dir)
+  assert len(checks) == 2 and builder.info.splits["train"].num_examples == 60000
+  # Nothing prepared there: the error is not swallowed.
+  with pytest.raises(FileExistsError, match="already exists"):
+    fashion_mnist.prepare(IDX_DIR, os.path.join(tfds_dir, "elsewhere"))
+
+
 def test_each_example_once_per_epoch_across_processes_and_batch_sizes(fmnist):
   source = sources.SyntheticSource(100, (4, 4, 1), 10, seed=0)
   # Tag each record with its index through the label, to trace the order.

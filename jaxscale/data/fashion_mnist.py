@@ -91,6 +91,12 @@ def prepare(idx_dir: str, data_dir: str) -> tfds.core.DatasetBuilder:
   """Converts the IDX files once (a no-op when already done) and returns the builder."""
   builder = FashionMnistIdx(idx_dir=idx_dir, data_dir=data_dir, file_format="array_record")
   if not builder.is_prepared():
-    builder.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(verify_ssl=False))
+    try:
+      builder.download_and_prepare(
+          download_config=tfds.download.DownloadConfig(verify_ssl=False))
+    except FileExistsError:
+      # Another run sharing data_dir converted the same files first; use its copy.
+      builder = FashionMnistIdx(idx_dir=idx_dir, data_dir=data_dir, file_format="array_record")
+      if not builder.is_prepared():
+        raise
   return builder
