@@ -42,6 +42,7 @@ import argparse
 import concurrent.futures
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -105,7 +106,9 @@ def train(run: dict, workdir: str, extra: list[str], timeout: float) -> dict:
             "error": f"no result within --timeout {timeout:g} s"}
   result = {**run, "wall_s": round(time.time() - start, 1)}
   if proc.returncode:
-    return {**result, "error": f"exit {proc.returncode}: {proc.stderr.strip()[-500:]}"}
+    # The kernel's OOM killer is the usual SIGKILL here: a 16,384 batch needs ~16 GB of host memory.
+    why = " (SIGKILL: out of memory?)" if proc.returncode == -signal.SIGKILL else ""
+    return {**result, "error": f"exit {proc.returncode}{why}: {proc.stderr.strip()[-500:]}"}
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     events = [json.loads(line) for line in f]
   last_train = [e for e in events if e["split"] == "train"][-1]

@@ -148,6 +148,14 @@ def test_benchmark_report_keeps_the_best_rate_per_cell(tmp_path):
   assert "| 8,192 | 7.3 | - | 80.00% (5.66, power 2) |" in table
 
 
+def test_benchmark_says_a_killed_run_may_have_run_out_of_memory(tmp_path, monkeypatch):
+  bench = _benchmark()
+  killed = subprocess.CompletedProcess([], -9, "", "step 70 epoch 11.06 loss 0.5837")
+  monkeypatch.setattr(bench.subprocess, "run", lambda *args, **kwargs: killed)
+  result = bench.train({"devices": 8, "overrides": {}}, str(tmp_path), [], timeout=0)
+  assert result["error"] == "exit -9 (SIGKILL: out of memory?): step 70 epoch 11.06 loss 0.5837"
+
+
 def _run_benchmark(*argv: str) -> subprocess.CompletedProcess:
   return subprocess.run([sys.executable, BENCHMARK, *argv], capture_output=True, text=True,
                         timeout=120)
