@@ -45,7 +45,7 @@ def test_missing_data_names_the_options(tmp_path, monkeypatch):
     sources._fashion_mnist_builder(config.data_dir, config.fashion_mnist_idx_dir)
 
 
-def test_a_conversion_finished_first_by_another_run_is_reused(fmnist, tfds_dir, monkeypatch):
+def test_a_conversion_finished_first_by_another_run_is_reused(tfds_dir, monkeypatch):
   # Two runs sharing data_dir both see it unprepared; the slower one's final rename then fails.
   real_is_prepared, checks = fashion_mnist.FashionMnistIdx.is_prepared, []
   def is_prepared(self):
