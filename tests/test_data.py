@@ -62,6 +62,27 @@ def test_a_conversion_finished_first_by_another_run_is_reused(tfds_dir, monkeypa
     fashion_mnist.prepare(IDX_DIR, os.path.join(tfds_dir, "elsewhere"))
 
 
+def test_a_download_finished_first_by_another_run_is_reused(tmp_path, monkeypatch):
+  # The catalog download has the IDX conversion's race (no IDX files here, so it downloads).
+  class Catalog:
+    info = None  # read only when prepared at the first look
+    prepared = False
+    other_run_finishes_first = True
+    def is_prepared(self):
+      return Catalog.prepared
+    def download_and_prepare(self, **kwargs):
+      assert kwargs == {"file_format": "array_record"}
+      Catalog.prepared = Catalog.other_run_finishes_first
+      raise FileExistsError("Destination fashion_mnist/3.0.1 already exists.")
+  monkeypatch.setattr(sources.tfds, "builder", lambda name, data_dir: Catalog())
+  no_idx = str(tmp_path / "no-idx")
+  assert isinstance(sources._fashion_mnist_builder(str(tmp_path), no_idx), Catalog)
+  # Nothing prepared by another run: the failure is reported, not swallowed.
+  Catalog.prepared = Catalog.other_run_finishes_first = False
+  with pytest.raises(FileNotFoundError, match=r"download failed \(FileExistsError\)"):
+    sources._fashion_mnist_builder(str(tmp_path), no_idx)
+
+
 def test_each_example_once_per_epoch_across_processes_and_batch_sizes(fmnist):
   source = sources.SyntheticSource(100, (4, 4, 1), 10, seed=0)
   # Tag each record with its index through the label, to trace the order.

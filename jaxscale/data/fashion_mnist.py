@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gzip
 import os
+from typing import Callable
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -89,14 +90,25 @@ def has_idx_files(idx_dir: str) -> bool:
 
 def prepare(idx_dir: str, data_dir: str) -> tfds.core.DatasetBuilder:
   """Converts the IDX files once (a no-op when already done) and returns the builder."""
-  builder = FashionMnistIdx(idx_dir=idx_dir, data_dir=data_dir, file_format="array_record")
-  if not builder.is_prepared():
-    try:
-      builder.download_and_prepare(
-          download_config=tfds.download.DownloadConfig(verify_ssl=False))
-    except FileExistsError:
-      # Another run sharing data_dir converted the same files first; use its copy.
-      builder = FashionMnistIdx(idx_dir=idx_dir, data_dir=data_dir, file_format="array_record")
-      if not builder.is_prepared():
-        raise
+  return prepare_once(
+      lambda: FashionMnistIdx(idx_dir=idx_dir, data_dir=data_dir, file_format="array_record"),
+      download_config=tfds.download.DownloadConfig(verify_ssl=False))
+
+
+def prepare_once(make_builder: Callable[[], tfds.core.DatasetBuilder],
+                 **prepare_kwargs) -> tfds.core.DatasetBuilder:
+  """`make_builder()` with its dataset prepared, reusing what another run finished first.
+
+  Two runs sharing data_dir can both find the dataset unprepared; the slower one's final
+  rename then fails with FileExistsError, and a fresh builder opens the faster one's copy.
+  """
+  builder = make_builder()
+  if builder.is_prepared():
+    return builder
+  try:
+    builder.download_and_prepare(**prepare_kwargs)
+  except FileExistsError:
+    builder = make_builder()
+    if not builder.is_prepared():
+      raise
   return builder

@@ -137,8 +137,8 @@ def _fashion_mnist_builder(data_dir: str, idx_dir: str) -> tfds.core.DatasetBuil
       multihost_utils.sync_global_devices("jaxscale:fashion_mnist_prepared")
     return fashion_mnist.prepare(idx_dir, data_dir) if jax.process_index() else builder
   try:
-    catalog.download_and_prepare(file_format="array_record")
-    return catalog
+    return fashion_mnist.prepare_once(lambda: tfds.builder("fashion_mnist", data_dir=data_dir),
+                                      file_format="array_record")
   except Exception as e:  # noqa: BLE001 - any failure here means "no way to get the data"
     raise FileNotFoundError(
         f"Fashion-MNIST not found: no prepared TFDS fashion_mnist (array_record) in {data_dir} "
