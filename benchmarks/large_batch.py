@@ -200,19 +200,24 @@ def report(results: list[dict], out_dir: str) -> str:
     import matplotlib.pyplot as plt
   except ImportError:
     return text + "\n(no plot: matplotlib is not installed)\n"
-  fig, ax = plt.subplots(figsize=(6.4, 4.0))
-  for m in methods:
-    points = sorted((s, 100 * r["accuracy"]) for (mm, s), r in best.items() if mm == m)
-    ax.plot(*zip(*points), marker="o", label=m)
-  for points, style in ((1, ":"), (2, "--")) if baseline else ():  # the goals at 4,096, 8,192
-    ax.axhline(100 * baseline["accuracy"] - points, color="grey", ls=style, lw=1,
-               label=f"baseline - {points} point{'s' * (points > 1)}")
-  ax.set_xscale("log", base=2)
-  ax.set_xlabel("global batch size")
-  ax.set_ylabel("test accuracy (%)")
-  ax.set_ylim(bottom=max(0.0, ax.get_ylim()[0]))
-  ax.set_title(f"Fashion-MNIST, resnet8, {epochs:g} epochs")
-  ax.legend()
+  # Left every cell, right a zoom on the goals (a diverged run squashes them in the left).
+  fig, axes = plt.subplots(1, 2 if baseline else 1, figsize=(11.0, 4.0), squeeze=False)
+  for ax in axes[0]:
+    for m in methods:
+      points = sorted((s, 100 * r["accuracy"]) for (mm, s), r in best.items() if mm == m)
+      ax.plot(*zip(*points), marker="o", label=m)
+    for points, style in ((1, ":"), (2, "--")) if baseline else ():  # goals at 4,096, 8,192
+      ax.axhline(100 * baseline["accuracy"] - points, color="grey", ls=style, lw=1,
+                 label=f"baseline - {points} point{'s' * (points > 1)}")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("global batch size")
+    ax.set_ylabel("test accuracy (%)")
+  axes[0, 0].set_ylim(bottom=max(0.0, axes[0, 0].get_ylim()[0]))
+  axes[0, 0].set_title(f"Fashion-MNIST, resnet8, {epochs:g} epochs")
+  axes[0, 0].legend()
+  if baseline:
+    axes[0, 1].set_ylim(100 * baseline["accuracy"] - 8, 100 * baseline["accuracy"] + 1)
+    axes[0, 1].set_title("within 8 points of the baseline")
   fig.tight_layout()
   fig.savefig(os.path.join(out_dir, "large_batch.png"), dpi=120)
   return text
