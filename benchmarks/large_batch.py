@@ -206,9 +206,9 @@ def report(results: list[dict], out_dir: str) -> str:
     for m in methods:
       points = sorted((s, 100 * r["accuracy"]) for (mm, s), r in best.items() if mm == m)
       ax.plot(*zip(*points), marker="o", label=m)
-    for points, style in ((1, ":"), (2, "--")) if baseline else ():  # goals at 4,096, 8,192
-      ax.axhline(100 * baseline["accuracy"] - points, color="grey", ls=style, lw=1,
-                 label=f"baseline - {points} point{'s' * (points > 1)}")
+    for below, style in ((1, ":"), (2, "--")) if baseline else ():  # goals at 4,096, 8,192
+      ax.axhline(100 * baseline["accuracy"] - below, color="grey", ls=style, lw=1,
+                 label=f"baseline - {below} point{'s' * (below > 1)}")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("global batch size")
     ax.set_ylabel("test accuracy (%)")
