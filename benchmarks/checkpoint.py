@@ -33,12 +33,10 @@ import time
 
 import jax
 import numpy as np
-import optax
 
-from jaxscale import checkpoint, mesh as mesh_lib, models, precision, step as step_lib
+from common import random_pieces
+from jaxscale import checkpoint, mesh as mesh_lib, preemption
 from jaxscale.config import defaults, to_json
-
-MEAN, STD = (127.5,) * 3, (64.0,) * 3
 VARIANTS = ("none", "watch", "async", "sync")
 
 
@@ -56,30 +54,21 @@ def main() -> None:
 
   devices = jax.devices()[:args.devices]
   mesh = mesh_lib.create_mesh("data", devices)
-  shape = (args.image_size, args.image_size, 3)
-  stem = models.auto_stem(shape)
-  dtype = precision.parse_policy(args.precision).compute_dtype
-  model = models.create_model(args.model, num_classes=args.num_classes, stem=stem, dtype=dtype,
-                              bn_axis_name="data")
-
-  def make_optimizer(learning_rate):
-    return optax.chain(optax.add_decayed_weights(5e-4),
-                       optax.sgd(learning_rate, momentum=0.9, nesterov=True))
-
-  spec = step_lib.StepSpec(model=model, make_optimizer=make_optimizer, axes=("data",),
-                           mean=MEAN, std=STD, compute_dtype=dtype)
-  runner = step_lib.shard_map_runner(
-      spec, mesh, lambda r: step_lib.create_train_state(model, make_optimizer, r, shape))
+  pieces, _ = random_pieces(args.model, image_size=args.image_size, global_batch=args.global_batch,
+                            num_classes=args.num_classes, devices=devices,
+                            overrides=[f"precision={args.precision}"])
+  runner = pieces.runner
   rng = np.random.default_rng(0)
+  shape = (args.image_size, args.image_size, 3)
   batches = [{"image": rng.integers(0, 256, (args.global_batch, *shape), dtype=np.uint8),
               "label": rng.integers(0, args.num_classes, args.global_batch).astype(np.int32)}
              for _ in range(4)]
-  state = [runner.init_state(jax.random.key(0))]
+  state = [pieces.init_state()]
   state_mb = sum(x.nbytes for x in jax.tree.leaves(state[0])) / 2**20
   root = tempfile.mkdtemp(prefix="jaxscale_ckpt_bench_")
   config_json = to_json(defaults())
 
-  watch = checkpoint.PreemptionWatch(mesh)
+  watch = preemption.PreemptionWatch(mesh)
   ckpts = {v: checkpoint.Checkpoints(os.path.join(root, v), config_json, every_steps=args.every,
                                      keep=3, async_save=v == "async") for v in ("async", "sync")}
   steps_done = {v: 0 for v in VARIANTS}

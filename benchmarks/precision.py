@@ -87,34 +87,18 @@ def throughput(names: list[str], image_size: int, batch_per_device: int, steps: 
                warmup: int, rounds: int) -> tuple[dict[str, float], str]:
   """Median images/s of the ResNet-50 train step per variant, rounds interleaved."""
   import jax
-  import numpy as np
-  import optax
 
-  from jaxscale import mesh as mesh_lib, models, precision, step as step_lib
+  from common import random_pieces
 
-  mesh = mesh_lib.create_mesh("data")
-  batch_size = batch_per_device * mesh.size
-  rng = np.random.default_rng(0)
-  host_batch = {"image": rng.integers(0, 256, (batch_size, image_size, image_size, 3), np.uint8),
-                "label": rng.integers(0, 1000, batch_size).astype(np.int32)}
-  make_optimizer = lambda lr: optax.sgd(lr, momentum=0.9, nesterov=True)
   runs = {}
   for name in names:
     policy_name, allreduce = VARIANTS[name]
-    policy = precision.parse_policy(policy_name)
-    model = models.create_model("resnet50", num_classes=1000, stem="imagenet",
-                                dtype=policy.compute_dtype, param_dtype=policy.param_dtype,
-                                bn_axis_name="data")
-    scaler = precision.LossScaleConfig() if policy.needs_loss_scale else precision.NO_LOSS_SCALE
-    spec = step_lib.StepSpec(model=model, make_optimizer=make_optimizer, axes=("data",),
-                             mean=(127.5,) * 3, std=(64.0,) * 3,
-                             compute_dtype=policy.compute_dtype, output_dtype=policy.output_dtype,
-                             grad_allreduce_dtype=precision.parse_dtype(allreduce, "allreduce"),
-                             loss_scale=scaler)
-    runner = step_lib.RUNNERS["shard_map"](
-        spec, mesh, lambda key, m=model, s=scaler: step_lib.create_train_state(
-            m, make_optimizer, key, (image_size, image_size, 3), s))
-    state, batch = runner.init_state(jax.random.key(0)), runner.put_batch(host_batch)
+    pieces, batch = random_pieces(
+        "resnet50", image_size=image_size, global_batch=batch_per_device * jax.device_count(),
+        overrides=[f"precision={policy_name}", f"grad_allreduce_dtype={allreduce}",
+                   "stem=imagenet", "optimizer.weight_decay=0.0"])
+    runner, state = pieces.runner, pieces.init_state()
+    batch_size = batch_per_device * pieces.num_devices
     for _ in range(warmup):  # compiles, and lets the loss scale settle
       state, metrics = runner.train_step(state, batch, 0.1)
     jax.block_until_ready(metrics)
@@ -130,7 +114,7 @@ def throughput(names: list[str], image_size: int, batch_per_device: int, steps: 
       rates.append(steps * batch_size / (time.perf_counter() - start))
       run[1] = state
   device = jax.devices()[0]
-  where = f"{mesh.size} x {device.device_kind} ({device.platform})"
+  where = f"{jax.device_count()} x {device.device_kind} ({device.platform})"
   return {name: statistics.median(run[3]) for name, run in runs.items()}, where
 
 

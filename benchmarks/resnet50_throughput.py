@@ -20,9 +20,9 @@ import time
 
 import jax
 import numpy as np
-import optax
 
-from jaxscale import mesh as mesh_lib, models, precision, step as step_lib
+from common import random_pieces
+from jaxscale import precision
 
 GFLOP_PER_IMAGE_224 = 24.5  # ResNet-50 training step: about 3x the 8.2 GFLOP forward pass
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0}  # dense bf16/fp16 tensor-core peaks
@@ -30,29 +30,11 @@ PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0}  # dense bf16/fp16 t
 
 def build(policy_name: str, image_size: int, global_batch: int, num_classes: int = 1000):
   """The jaxscale runner, state and an on-device batch for one policy."""
-  policy = precision.parse_policy(policy_name)
-  mesh = mesh_lib.create_mesh("data")
-  model = models.create_model("resnet50", num_classes=num_classes, stem="imagenet",
-                              dtype=policy.compute_dtype, param_dtype=policy.param_dtype,
-                              bn_axis_name="data")
-
-  def make_optimizer(learning_rate):
-    return optax.sgd(learning_rate, momentum=0.9, nesterov=True)
-
-  loss_scale = (precision.LossScaleConfig() if policy.compute_dtype == np.float16
-                else precision.NO_LOSS_SCALE)
-  spec = step_lib.StepSpec(model=model, make_optimizer=make_optimizer, axes=("data",),
-                           mean=(127.5,) * 3, std=(64.0,) * 3, compute_dtype=policy.compute_dtype,
-                           output_dtype=policy.output_dtype, loss_scale=loss_scale)
-  shape = (image_size, image_size, 3)
-  runner = step_lib.shard_map_runner(
-      spec, mesh, lambda rng: step_lib.create_train_state(model, make_optimizer, rng, shape,
-                                                          loss_scale))
-  rng = np.random.default_rng(0)
-  batch = runner.put_batch({
-      "image": rng.integers(0, 256, (global_batch, *shape), dtype=np.uint8),
-      "label": rng.integers(0, num_classes, global_batch).astype(np.int32)})
-  return runner, runner.init_state(jax.random.key(0)), batch
+  pieces, batch = random_pieces("resnet50", image_size=image_size, global_batch=global_batch,
+                                num_classes=num_classes,
+                                overrides=[f"precision={policy_name}", "stem=imagenet",
+                                           "optimizer.weight_decay=0.0"])
+  return pieces.runner, pieces.init_state(), batch
 
 
 def matmul_tflops(n: int = 8192, repeats: int = 10) -> float:

@@ -22,16 +22,18 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxscale import mesh as mesh_lib, models, precision, step as step_lib
+from jaxscale import mesh as mesh_lib, optim, precision
 
-MEAN, STD = (127.5,), (64.0,)
+from common import random_pieces
+
+MEAN, STD = 127.5, 64.0  # common.random_pieces normalizes with these
 
 
 def reference_step(model, tx, compute_dtype):
   """The hand-written step: plain jit, no shard_map, no explicit reductions."""
   @functools.partial(jax.jit, donate_argnums=(0, 1, 2))
   def train_step(params, batch_stats, opt_state, images, labels):
-    x = ((images.astype(jnp.float32) - MEAN[0]) / STD[0]).astype(compute_dtype)
+    x = ((images.astype(jnp.float32) - MEAN) / STD).astype(compute_dtype)
 
     def loss_fn(p):
       logits, new = model.apply({"params": p, "batch_stats": batch_stats}, x, train=True,
@@ -73,35 +75,24 @@ def main() -> None:
   devices = jax.devices()[:args.devices]
   mesh = mesh_lib.create_mesh("data", devices)
   shape = (args.image_size, args.image_size, args.channels)
-  rng = np.random.default_rng(0)
-  images = rng.integers(0, 256, (args.global_batch, *shape), dtype=np.uint8)
-  labels = rng.integers(0, args.num_classes, args.global_batch).astype(np.int32)
-  stem = models.auto_stem(shape)
   dtype = precision.parse_policy(args.precision).compute_dtype
   lr = 0.1
 
-  def make_optimizer(learning_rate):
-    return optax.chain(optax.add_decayed_weights(5e-4),
-                       optax.sgd(learning_rate, momentum=0.9, nesterov=True))
-
   # jaxscale: the trainer's own runner.
-  model = models.create_model(args.model, num_classes=args.num_classes, stem=stem, dtype=dtype,
-                              bn_axis_name="data")
-  spec = step_lib.StepSpec(model=model, make_optimizer=make_optimizer, axes=("data",),
-                           mean=MEAN, std=STD, compute_dtype=dtype)
-  runner = step_lib.shard_map_runner(
-      spec, mesh, lambda r: step_lib.create_train_state(model, make_optimizer, r, shape))
-  state = [runner.init_state(jax.random.key(0))]
-  batch = runner.put_batch({"image": images, "label": labels})
+  pieces, batch = random_pieces(args.model, image_size=args.image_size, channels=args.channels,
+                                num_classes=args.num_classes, global_batch=args.global_batch,
+                                devices=devices, overrides=[f"precision={args.precision}"])
+  runner = pieces.runner
+  state = [pieces.init_state()]
+  images, labels = (np.asarray(x) for x in jax.device_get((batch["image"], batch["label"])))
 
   def jaxscale_step():
     state[0], metrics = runner.train_step(state[0], batch, lr)
     return metrics
 
   # Reference: the same model without cross-replica BN (jit sees the global batch anyway).
-  plain_model = models.create_model(args.model, num_classes=args.num_classes, stem=stem,
-                                    dtype=dtype)
-  tx = make_optimizer(lr)
+  plain_model = pieces.model.module
+  tx = optim.build_optimizer(pieces.config.optimizer, lr)
   variables = plain_model.init(jax.random.key(0), jnp.zeros((1, *shape)), train=False)
   replicated = mesh_lib.replicated(mesh)
   ref = [jax.device_put(variables["params"], replicated),

@@ -19,7 +19,17 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-ALGORITHMS = ("flat", "hierarchical")
+from jaxscale.errors import ConfigError
+
+ALGORITHMS = ("flat", "hierarchical")  # config key `allreduce`
+
+
+def check_config(config) -> None:
+  """Raises ConfigError when `allreduce='hierarchical'` has no 2-D mesh to run on."""
+  if config.allreduce == "hierarchical" and (config.mesh == "data" or
+                                             config.parallelism == "pmap"):
+    raise ConfigError("config key 'allreduce': 'hierarchical' needs a 2-D mesh (mesh='hosts' "
+                      "or 'RxC') under parallelism='shard_map'")
 
 
 def _hierarchical_sum(x: jax.Array, hosts_axis: str, local_axis: str) -> jax.Array:

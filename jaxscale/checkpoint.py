@@ -22,10 +22,6 @@ next `save` first wait for that thread and raise its failure, if any. With sever
 `sync_global_devices`, a device collective, which must not be issued from a second thread, where
 it could interleave with the step's collectives in different orders on different processes (a
 deadlock).
-
-Preemption: SIGTERM and SIGINT set a flag; `PreemptionWatch.stop_requested()` turns the flags of
-all processes into one answer at one step boundary, the trainer saves there, waits for the write
-and exits with `EXIT_PREEMPTED`.
 """
 from __future__ import annotations
 
@@ -33,9 +29,7 @@ import concurrent.futures
 import copy
 import json
 import os
-import signal
 import sys
-import threading
 from typing import Any
 
 import jax
@@ -43,15 +37,10 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxscale.config import changed_keys
+from jaxscale.errors import JaxscaleError
 from jaxscale.metrics import log
-
-# sysexits' EX_TEMPFAIL ("temporary failure, try again"): the run saved a checkpoint after
-# SIGTERM or SIGINT; rerunning the same command resumes from it.
-EXIT_PREEMPTED = 75
-
 
 # orbax's handlers for the leaf types a TrainState may hold; jax.Arrays written by one replica.
 _TYPE_HANDLERS = ocp.type_handlers.create_type_handler_registry(
@@ -61,16 +50,8 @@ _TYPE_HANDLERS = ocp.type_handlers.create_type_handler_registry(
     (jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False)))
 
 
-class CheckpointError(ValueError):
+class CheckpointError(JaxscaleError, ValueError):
   """A checkpoint that cannot be restored into this run; the message names its path."""
-
-
-class Preempted(Exception):
-  """The run stopped after a preemption signal, with a complete checkpoint at `step`."""
-
-  def __init__(self, step: int, path: str):
-    super().__init__(f"preempted: saved step {step} to {path}; rerun the same command to resume")
-    self.step, self.path = step, path
 
 
 class Checkpoints:
@@ -80,7 +61,7 @@ class Checkpoints:
   """
 
   def __init__(self, directory: str, config_json: str, *, every_steps: int = 0, keep: int = 0,
-               keep_every_steps: int = 0, async_save: bool = True):
+               keep_every_steps: int = 0, keep_best: bool = False, async_save: bool = True):
     """
     Args:
       directory: where the step directories go (created if missing).
@@ -89,6 +70,8 @@ class Checkpoints:
         only the final step, or the step where it was preempted).
       keep: keep the last `keep` checkpoints; 0 keeps all.
       keep_every_steps: also keep every checkpoint whose step is a multiple of this; 0: none.
+      keep_best: also keep the checkpoint saved with the highest eval accuracy (`save`'s
+        `metrics`), besides the last ones.
       async_save: write in the background; `save` returns once a copy of the state is
         dispatched (single process) or copied off the devices (several processes).
     """
@@ -104,8 +87,15 @@ class Checkpoints:
     registry.add("state", ocp.args.PyTreeRestore, state_handler)
     registry.add("meta", ocp.args.JsonSave)
     registry.add("meta", ocp.args.JsonRestore)
+    policies = [ocp.checkpoint_managers.LatestN(n=keep or None)]
+    if keep_every_steps:
+      policies.append(ocp.checkpoint_managers.EveryNSteps(keep_every_steps))
+    if keep_best:
+      policies.append(ocp.checkpoint_managers.BestN(
+          get_metric_fn=lambda metrics: metrics["accuracy"], n=1,
+          keep_checkpoints_without_metrics=False))
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep or None, keep_period=keep_every_steps or None,
+        preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
         enable_async_checkpointing=async_save, cleanup_tmp_directories=True)
     self._manager = ocp.CheckpointManager(self.directory, options=options,
                                           handler_registry=registry)
@@ -127,11 +117,13 @@ class Checkpoints:
     """Whether `step` is a periodic save step (`every_steps`)."""
     return self.every_steps > 0 and step % self.every_steps == 0
 
-  def save(self, step: int, state: Any, host_state: dict[str, Any], *, wait: bool = False) -> None:
+  def save(self, step: int, state: Any, host_state: dict[str, Any], *,
+           metrics: dict[str, float] | None = None, wait: bool = False) -> None:
     """Saves `state` (global arrays) and `host_state` (JSON-able) as checkpoint `step`.
 
-    A step already saved is not written again. `wait` blocks until the write is committed.
-    Raises the failure of the previous background save, if any, before starting this one.
+    `metrics` (an eval's, with "accuracy") rank the checkpoint for `keep_best`. A step already
+    saved is not written again. `wait` blocks until the write is committed. Raises the failure
+    of the previous background save, if any, before starting this one.
     """
     self._finish_pending()
     if step != self._last_saved:
@@ -139,10 +131,11 @@ class Checkpoints:
       def args(state):
         return ocp.args.Composite(state=ocp.args.PyTreeSave(state), meta=ocp.args.JsonSave(meta))
       if self._thread is None:
-        self._manager.save(step, args=args(state), force=True)
+        self._manager.save(step, args=args(state), metrics=metrics, force=True)
       else:  # the next step may donate `state`; its device copy stays
         self._pending = step, self._thread.submit(self._manager.save, step,
-                                                  args=args(_device_copy(state)), force=True)
+                                                  args=args(_device_copy(state)),
+                                                  metrics=metrics, force=True)
       self._last_saved = step
     if wait:
       self.wait()
@@ -281,56 +274,6 @@ def _tree_mismatch(saved: dict, wanted: dict, limit: int = 3) -> str:
   return "; ".join(p for p in parts if p)
 
 
-class PreemptionWatch:
-  """SIGTERM and SIGINT set a flag; `stop_requested` gives all processes one answer per boundary.
-
-  The answer is a max over every device's copy of its process's flag, computed as a tiny
-  collective on the mesh and read one step boundary later: the host never waits for more than
-  the step in flight, and since every process reads the result of the same collective, all stop
-  at the same step. A second SIGINT interrupts at once. The handlers are installed on creation
-  (from the main thread; signals reach no other) and put back by `close`.
-  """
-
-  def __init__(self, mesh: Mesh):
-    self._signal = None  # the name of the first signal received
-    self._logged = False
-    self._num_local = sum(d.process_index == jax.process_index() for d in mesh.devices.flat)
-    self._sharding = NamedSharding(mesh, P(mesh.axis_names))
-    self._any = jax.jit(jnp.max, out_shardings=NamedSharding(mesh, P()))
-    self._pending = None
-    self._previous_handlers = {}
-    if threading.current_thread() is threading.main_thread():
-      for signum in (signal.SIGTERM, signal.SIGINT):
-        self._previous_handlers[signum] = signal.signal(signum, self._handle)
-
-  def close(self) -> None:
-    for signum, handler in self._previous_handlers.items():
-      signal.signal(signum, handler)
-    self._previous_handlers = {}
-
-  def _handle(self, signum, frame) -> None:  # no I/O here: it may interrupt a write to stderr
-    if self._signal and signum == signal.SIGINT:
-      raise KeyboardInterrupt
-    self._signal = self._signal or signal.Signals(signum).name
-
-  def _dispatch(self) -> jax.Array:
-    if self._signal and not self._logged:
-      log(f"received {self._signal}: saving a checkpoint at the next step boundary")
-      self._logged = True
-    flags = np.full((self._num_local,), self._signal is not None, np.int32)
-    return self._any(jax.make_array_from_process_local_data(self._sharding, flags))
-
-  def stop_requested(self, *, now: bool = False) -> bool:
-    """Call at every step boundary, on every process: True when the run should stop here.
-
-    `now` reads a fresh answer instead of the one from the previous boundary (after the loop).
-    """
-    previous, self._pending = self._pending, self._dispatch()
-    if now:
-      previous, self._pending = self._pending, None
-    return previous is not None and bool(previous.addressable_data(0))
-
-
 def read(step_dir: str) -> tuple[dict[str, Any], dict[str, Any]]:
   """Checkpoint `step_dir` as (state as nested dicts of numpy arrays, meta), on the host.
 
@@ -350,13 +293,33 @@ def read(step_dir: str) -> tuple[dict[str, Any], dict[str, Any]]:
   return _reading(step_dir, read_all)
 
 
-def latest_step_dir(directory: str) -> str:
-  """The newest complete checkpoint in `directory` (a workdir or its checkpoints/)."""
+def _complete_steps(directory: str) -> tuple[str, list[int]]:
   if os.path.isdir(os.path.join(directory, "checkpoints")):
     directory = os.path.join(directory, "checkpoints")
   directory = os.path.abspath(directory)
   steps = ocp.step.checkpoint_steps(directory) if os.path.isdir(directory) else []
-  step = max(steps, default=None)  # finalized steps only
-  if step is None:
+  if not steps:  # finalized steps only
     raise CheckpointError(f"no complete checkpoint in {directory}")
-  return os.path.join(directory, str(step))
+  return directory, sorted(steps)
+
+
+def latest_step_dir(directory: str) -> str:
+  """The newest complete checkpoint in `directory` (a workdir or its checkpoints/)."""
+  directory, steps = _complete_steps(directory)
+  return os.path.join(directory, str(steps[-1]))
+
+
+def best_step_dir(directory: str) -> str:
+  """The complete checkpoint saved with the best eval accuracy (`checkpoint_keep_best`)."""
+  directory, steps = _complete_steps(directory)
+  scored = []
+  for step in steps:
+    meta = _reading(os.path.join(directory, str(step)), lambda s=step: ocp.Checkpointer(
+        ocp.JsonCheckpointHandler()).restore(epath.Path(directory) / str(s) / "meta"))
+    result = (meta.get("evals") or {}).get("last_result") or {}
+    if result.get("step") == step and "accuracy" in result:
+      scored.append((result["accuracy"], step))
+  if not scored:
+    raise CheckpointError(f"no checkpoint in {directory} was saved with an eval (set "
+                          f"checkpoint_keep_best and an eval cadence)")
+  return os.path.join(directory, str(max(scored)[1]))

@@ -2,7 +2,8 @@
 
 Every key a run may set is in `defaults()`; a config file's `get_config()` returns a ConfigDict
 whose keys must all exist there. Validation happens before anything compiles or is written,
-and each problem is one `ConfigError` whose message names the key.
+and each problem is one `ConfigError` whose message names the key. Each module checks its own
+keys (`check_config`); `validate` calls them in turn.
 """
 from __future__ import annotations
 
@@ -16,17 +17,17 @@ from typing import Any
 import ml_collections
 
 from jaxscale import optim
-
-
-class ConfigError(ValueError):
-  """A bad configuration value; the message names the key."""
+from jaxscale.errors import ConfigError, first_line
+from jaxscale.imports import add_search_path
 
 
 def defaults() -> ml_collections.ConfigDict:
   """Every config key with its default value. Units are in the names (`*_steps`, `*_epochs`)."""
   c = ml_collections.ConfigDict()
   # Data.
-  c.dataset = "fashion_mnist"  # a TFDS catalog name, or "synthetic"
+  # A TFDS name (the catalog's, or a builder prepared in data_dir), "synthetic", "text" (a local
+  # file, byte-level), or an import path "package.module:function" returning a Dataset.
+  c.dataset = "fashion_mnist"
   c.data_dir = ""  # TFDS data dir; "" means $TFDS_DATA_DIR or ~/tensorflow_datasets
   c.eval_split = ""  # "" means "validation" if the dataset has one, else "test"
   c.fashion_mnist_idx_dir = "/usr/share/datasets/fashion-mnist"  # Debian's dataset-fashion-mnist
@@ -38,10 +39,18 @@ def defaults() -> ml_collections.ConfigDict:
   c.synthetic_num_train_examples = 4096
   c.synthetic_num_eval_examples = 1024
   c.random_flip = True
+  # Normalization of "image", per channel in the images' units; () means the dataset's own
+  # (known for TFDS catalog datasets), else computed once from the training data.
+  c.mean = ()
+  c.std = ()
+  c.text_file = ""  # dataset="text": a local UTF-8 (any bytes) file
+  c.text_eval_fraction = 0.05  # dataset="text": the file's last fraction is the eval split
+  c.sequence_length = 128  # dataset="text": bytes the model reads per example
   c.data_workers = 0  # grain worker processes per host for decoding; 0: one background thread
   c.prefetch_batches = 2  # batches prepared ahead of the step that needs them
-  # Model.
-  c.model = "resnet8"
+  # Model and task.
+  c.model = "resnet8"  # a zoo name (jaxscale/models) or an import path "package.module:Name"
+  c.task = "classification"  # or "language_model", or an import path "package.module:Name"
   c.stem = "auto"  # "imagenet", "small", or "auto" (small for images of at most 64 pixels)
   c.bn_momentum = 0.9
   c.bn_group_size = 0  # devices per BatchNorm group; 0 means all devices (global batch statistics)
@@ -67,6 +76,11 @@ def defaults() -> ml_collections.ConfigDict:
   c.grad_accum_steps = 1
   c.max_per_device_batch = 0
   c.eval_batch_size = 1000  # global; the last eval batch is padded and the padding masked
+  # Periodic evaluation over the whole eval split (0: only after the last step). Epochs count
+  # examples, so they agree with batch growth.
+  c.eval_every_epochs = 0.0
+  c.eval_every_steps = 0
+  c.target_accuracy = 0.0  # > 0: stop at the first eval whose accuracy reaches it (MLPerf)
   c.learning_rate = 0.1  # base rate at reference_batch_size
   c.lr_scaling = "none"  # "linear", "sqrt" or "none": how the rate follows the global batch
   c.reference_batch_size = 256
@@ -78,6 +92,10 @@ def defaults() -> ml_collections.ConfigDict:
   c.mesh = "data"  # "data" (1-D), "hosts" (processes x local devices) or "RxC", e.g. "2x4"
   c.allreduce = "flat"  # gradient all-reduce: "flat", or "hierarchical" on a 2-D mesh
   c.xla_gpu_overlap = True  # on GPU, XLA flags that overlap and combine all-reduces
+  # "replicated", "optimizer" (ZeRO-1: optimizer state sharded, the update too) or "fsdp"
+  # (parameters sharded too, gathered each step in param_gather_dtype): jaxscale/sharding.py.
+  c.state_sharding = "replicated"
+  c.param_gather_dtype = "float32"
   # Precision (docs/precision.md).
   c.precision = "fp32"  # "fp32", "bf16", "fp16" or "params=float32,compute=bfloat16,output=float32"
   c.grad_allreduce_dtype = "float32"  # gradients cross devices in this: float32, bfloat16, float16
@@ -101,22 +119,37 @@ def defaults() -> ml_collections.ConfigDict:
   c.checkpoint_keep = 3  # keep the last N checkpoints; 0 keeps all
   c.checkpoint_keep_every_steps = 0  # also keep those whose step is a multiple; 0: none
   c.checkpoint_async = True  # write in the background while training goes on
+  c.checkpoint_keep_best = False  # also keep the checkpoint of the best eval accuracy
   return c
 
 
-PARALLELISMS = ("shard_map", "pmap")
-
-
 def load(path: str, overrides: list[str] = ()) -> ml_collections.ConfigDict:
-  """Loads `get_config()` from a Python file, applies `key=value` overrides, checks the keys."""
+  """Loads `get_config()` from a Python file, applies `key=value` overrides, checks the keys.
+
+  The file's directory goes on sys.path, so import paths in the config (`model`, `dataset`,
+  `task`) find the user's files beside it.
+  """
   if not os.path.isfile(path):
     raise ConfigError(f"config file {path!r} does not exist")
+  add_search_path(os.path.dirname(path))
   spec = importlib.util.spec_from_file_location("_jaxscale_config", path)
   module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  try:
+    spec.loader.exec_module(module)
+  except SyntaxError as e:
+    raise ConfigError(f"config file {path!r}: syntax error at line {e.lineno}: {e.msg}") from None
+  except Exception as e:  # noqa: BLE001 - anything a config file's top level raises
+    raise ConfigError(f"config file {path!r} failed to load: {first_line(e)}") from None
   if not hasattr(module, "get_config"):
     raise ConfigError(f"config file {path!r} has no get_config() function")
-  config = merge(defaults(), module.get_config(), source=path)
+  try:
+    loaded = module.get_config()
+  except Exception as e:  # noqa: BLE001
+    raise ConfigError(f"config file {path!r}: get_config() failed: {first_line(e)}") from None
+  if not isinstance(loaded, (ml_collections.ConfigDict, dict)):
+    raise ConfigError(f"config file {path!r}: get_config() returned a {type(loaded).__name__}, "
+                      f"not an ml_collections.ConfigDict")
+  config = merge(defaults(), loaded, source=path)
   for override in overrides:
     apply_override(config, override)
   return config
@@ -186,41 +219,48 @@ def _coerce(name: str, value: Any, default: Any) -> Any:
 
 def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
   """Rejects bad values before anything compiles. Raises ConfigError naming the key."""
-  from jaxscale import batching, data, models, precision  # deferred: heavy, or import this
+  # Deferred: these modules are heavy, and each checks its own keys.
+  from jaxscale import allreduce, batching, data, models, precision, runners, sharding
+
+  _check_finite(config.to_dict())
 
   def positive(key):
     if not config[key] > 0:
       raise ConfigError(f"config key {key!r} must be positive, got {config[key]!r}")
 
   for key in ("global_batch_size", "eval_batch_size", "log_every_steps",
-              "reference_batch_size", "learning_rate"):
+              "reference_batch_size", "learning_rate", "prefetch_batches"):
     positive(key)
   if config.num_train_steps <= 0:
     positive("num_epochs")
-  if config.model not in models.MODELS:
-    raise ConfigError(f"config key 'model': unknown model {config.model!r}; "
-                      f"known: {', '.join(sorted(models.MODELS))}")
-  data.check_dataset_name(config.dataset)
-  if config.parallelism not in PARALLELISMS:
-    raise ConfigError(f"config key 'parallelism': unknown {config.parallelism!r}; "
-                      f"known: {', '.join(PARALLELISMS)}")
-  if config.lr_scaling not in optim.LR_SCALING_RULES:
-    raise ConfigError(f"config key 'lr_scaling': unknown {config.lr_scaling!r}; "
-                      f"known: {', '.join(optim.LR_SCALING_RULES)}")
-  if config.allreduce not in ("flat", "hierarchical"):
-    raise ConfigError(f"config key 'allreduce': unknown {config.allreduce!r}; known: flat, "
-                      f"hierarchical")
-  if config.parallelism == "pmap" and config.mesh != "data":
-    raise ConfigError("config key 'mesh': parallelism='pmap' supports only mesh='data'")
-  if config.allreduce == "hierarchical" and (config.mesh == "data" or
-                                             config.parallelism == "pmap"):
-    raise ConfigError("config key 'allreduce': 'hierarchical' needs a 2-D mesh (mesh='hosts' "
-                      "or 'RxC') under parallelism='shard_map'")
-  if config.stem not in ("auto", "imagenet", "small"):
-    raise ConfigError(f"config key 'stem': must be auto, imagenet or small, got {config.stem!r}")
-  if config.progress_bar not in ("auto", "on", "off"):
-    raise ConfigError(f"config key 'progress_bar': must be auto, on or off, "
-                      f"got {config.progress_bar!r}")
+  for key in ("image_size", "data_workers", "checkpoint_every_steps", "checkpoint_keep",
+              "checkpoint_keep_every_steps", "bn_momentum_epochs", "precise_bn_batches",
+              "eval_every_epochs", "eval_every_steps", "target_accuracy"):
+    if config[key] < 0:
+      raise ConfigError(f"config key {key!r} must be >= 0, got {config[key]}")
+  if config.eval_every_epochs and config.eval_every_steps:
+    raise ConfigError(f"config keys 'eval_every_epochs' ({config.eval_every_epochs}) and "
+                      f"'eval_every_steps' ({config.eval_every_steps}): set one, not both")
+  if config.target_accuracy > 1:
+    raise ConfigError(f"config key 'target_accuracy' is a fraction in (0, 1], "
+                      f"got {config.target_accuracy}")
+  if len(config.mean) != len(config.std):
+    raise ConfigError(f"config keys 'mean' and 'std' must have the same length, got "
+                      f"{len(config.mean)} and {len(config.std)}")
+  if any(not x > 0 for x in config.std):
+    raise ConfigError(f"config key 'std' must be positive, got {list(config.std)}")
+  for key, allowed in (("stem", models.STEMS), ("progress_bar", ("auto", "on", "off")),
+                       ("lr_scaling", optim.LR_SCALING_RULES),
+                       ("allreduce", allreduce.ALGORITHMS)):
+    if config[key] not in allowed:
+      raise ConfigError(f"config key {key!r}: unknown {config[key]!r}; known: "
+                        f"{', '.join(allowed)}")
+  if config.model not in models.MODELS and ":" not in config.model:
+    models.resolve(config.model)  # raises the error that lists the zoo
+  data.check_config(config)
+  runners.check_config(config)
+  allreduce.check_config(config)
+  sharding.check_config(config)
   for key in ("global_batch_size", "eval_batch_size"):
     if config[key] % num_devices:
       raise ConfigError(f"config key {key!r}: {config[key]} is not divisible by the "
@@ -233,24 +273,24 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     optim.build_optimizer(config.optimizer, 0.1)
     optim.build_schedule(config.lr_schedule, base_learning_rate=0.1, steps_per_epoch=1.0,
                          total_steps=10)
-  except ValueError as e:
-    raise ConfigError(str(e)) from None
-  if config.dataset == "synthetic":
-    for key in ("synthetic_num_classes", "synthetic_num_train_examples",
-                "synthetic_num_eval_examples"):
-      positive(key)
-  for key in ("image_size", "data_workers", "checkpoint_every_steps", "checkpoint_keep",
-              "checkpoint_keep_every_steps", "bn_momentum_epochs", "precise_bn_batches"):
-    if config[key] < 0:
-      raise ConfigError(f"config key {key!r} must be >= 0, got {config[key]}")
-  positive("prefetch_batches")
-  # Raises for a bad batch schedule or accumulation key.
-  batching.create(config, num_examples=1, num_devices=num_devices)
-  profile_range(config.profile_steps)
-  try:
     precision.check_config(config)
   except ValueError as e:
     raise ConfigError(str(e)) from None
+  # Raises for a bad batch schedule or accumulation key.
+  batching.create(config, num_examples=1, num_devices=num_devices)
+  profile_range(config.profile_steps)
+
+
+def _check_finite(tree: dict, prefix: str = "") -> None:
+  """inf or NaN anywhere in the config is a mistake (1e999 parses as inf)."""
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      _check_finite(value, f"{prefix}{key}.")
+    elif isinstance(value, float) and not math.isfinite(value):
+      raise ConfigError(f"config key {prefix + key!r} must be finite, got {value}")
+    elif isinstance(value, (list, tuple)) and any(
+        isinstance(x, float) and not math.isfinite(x) for x in value):
+      raise ConfigError(f"config key {prefix + key!r} must be finite, got {list(value)}")
 
 
 def profile_range(text: str) -> tuple[int, int]:
@@ -266,15 +306,25 @@ def profile_range(text: str) -> tuple[int, int]:
   return start, stop
 
 
+# Keys that choose how a run executes, not what it computes: a resumed run may change them
+# (another sharding mode or mesh, the legacy runner, other logging) and go on from the same
+# checkpoint; config.json keeps the first run's values.
+EXECUTION_KEYS = frozenset({
+    "state_sharding", "parallelism", "mesh", "allreduce", "xla_gpu_overlap", "data_workers",
+    "prefetch_batches", "log_every_steps", "progress_bar", "compilation_cache_dir",
+    "profile_steps", "checkpoint_async"})
+
+
 def changed_keys(old: dict, new: dict) -> list[str]:
-  """The dotted keys whose values differ between two configs loaded from `to_json`.
+  """The dotted keys whose values differ between two configs loaded from `to_json`, besides
+  EXECUTION_KEYS.
 
   A key that `old` lacks and `new` holds at its default value counts as unchanged, so a workdir
   or checkpoint written before jaxscale added that key still resumes.
   """
   default = _flatten(json.loads(to_json(defaults())))
   old, new = _flatten(old), _flatten(new)
-  return sorted(k for k in old.keys() | new.keys()
+  return sorted(k for k in (old.keys() | new.keys()) - EXECUTION_KEYS
                 if old.get(k, default.get(k)) != new.get(k))
 
 

@@ -30,17 +30,17 @@ from typing import Any, Mapping
 
 import jax
 
-from jaxscale.config import ConfigError
+from jaxscale.errors import EXIT_UNREACHABLE, ConfigError, JaxscaleError
 from jaxscale.metrics import log
 
-EXIT_UNREACHABLE = 3  # the coordinator could not be reached: rerun once process 0 is up
 DEFAULT_INIT_TIMEOUT_S = 300  # JAX's default
 DEFAULT_HEARTBEAT_TIMEOUT_S = 100  # JAX's default
 MODES = ("auto", "off", "jax")
 
 
-class DistributedError(RuntimeError):
+class DistributedError(JaxscaleError, RuntimeError):
   """The processes of a multi-process run could not be joined; the message says why."""
+  exit_status = EXIT_UNREACHABLE  # rerun once process 0 is up
 
 
 @dataclasses.dataclass(frozen=True)

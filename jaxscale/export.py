@@ -3,13 +3,18 @@
     python -m jaxscale.export --workdir=DIR [--step=N] [--output=FILE]   (or: jaxscale-export)
 
 writes FILE (default DIR/export/model_<step>.msgpack), a flax msgpack of
-  {"variables": {"params": ..., "batch_stats": ...}, "model": {name, num_classes, stem,
-   image_shape, mean, std}, "step": int, "config": the run's resolved config as JSON}.
-Load it back into the model with `load`:
+  {"variables": {"params": ..., "batch_stats": ...}, "model": {name, task, options,
+   input_shape, mean, std, ...}, "step": int, "config": the run's resolved config as JSON}.
+`--best` takes the checkpoint of the best eval accuracy (`checkpoint_keep_best`). Load it back
+into the model with `load`:
 
     exported = jaxscale.export.load("model_1000.msgpack")
-    logits = exported.logits(images)  # uint8 NHWC images, normalized as in training
-    # or: exported.model.apply(exported.variables, normalized_images, train=False)
+    logits = exported.logits(images)  # images as in training (uint8 or float), normalized
+    # or: exported.model.apply(exported.variables, model_input, train=False)
+
+A zoo model or one named by import path is rebuilt from its name; a model that was passed to
+`jaxscale.train.run` as a Python object is not importable by name: pass the same object,
+`load(path, model=MyModel)`.
 """
 from __future__ import annotations
 
@@ -25,12 +30,17 @@ import flax
 import jax
 import numpy as np
 
-from jaxscale import checkpoint, models, step as step_lib
+from jaxscale import checkpoint, models, tasks
+from jaxscale.errors import JaxscaleError
 
 
-def export(workdir: str, step: int | None = None, output: str | None = None) -> str:
-  """Writes checkpoint `step` (default: the latest complete one) of `workdir`; returns the path."""
-  if step is None:
+def export(workdir: str, step: int | None = None, output: str | None = None, *,
+           best: bool = False) -> str:
+  """Writes checkpoint `step` (default: the latest complete one; `best`: the one of the best
+  eval accuracy) of `workdir`; returns the path."""
+  if best:
+    step_dir = checkpoint.best_step_dir(workdir)
+  elif step is None:
     step_dir = checkpoint.latest_step_dir(workdir)
   else:
     step_dir = os.path.join(workdir, "checkpoints", str(step))
@@ -51,36 +61,43 @@ def export(workdir: str, step: int | None = None, output: str | None = None) -> 
 
 @dataclasses.dataclass(frozen=True)
 class Exported:
-  """An exported model: the Flax module, its variables and its input normalization."""
-  model: Any
+  """An exported model: the model (`jaxscale.models.Model`), its variables, its input."""
+  model: models.Model
   variables: dict
-  image_shape: tuple[int, ...]
-  mean: tuple[float, ...]
-  std: tuple[float, ...]
+  input_shape: tuple[int, ...]
+  mean: tuple[float, ...] | None
+  std: tuple[float, ...] | None
   step: int
   config: dict
 
   def logits(self, images: np.ndarray) -> jax.Array:
-    """Class logits for a batch of uint8 (or [0, 255] float) images of `image_shape`."""
+    """Class logits for a batch of images as the run's data had them (uint8 or float),
+    normalized as in training."""
     return _logits(self.model, self.variables, images, self.mean, self.std)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 3, 4))
 def _logits(model, variables, images, mean, std):
-  return model.apply(variables, step_lib.normalize(images, mean, std), train=False)
+  return model.apply(variables, tasks.normalize(images, mean, std), train=False)[0]
 
 
-def load(path: str) -> Exported:
-  """Reads a file written by `export` and rebuilds its model."""
+def load(path: str, model: Any = None) -> Exported:
+  """Reads a file written by `export` and rebuilds its model (or uses `model`, the object the
+  run was given: a model passed as a Python object has no name to rebuild it from)."""
   with open(path, "rb") as f:
     record = flax.serialization.msgpack_restore(f.read())
   info = record["model"]
-  model = models.create_model(info["name"], num_classes=int(info["num_classes"]),
-                              stem=info["stem"])
-  return Exported(model=model, variables=record["variables"],
-                  image_shape=tuple(int(n) for n in info["image_shape"]),
-                  mean=tuple(info["mean"]), std=tuple(info["std"]), step=int(record["step"]),
-                  config=json.loads(record["config"]))
+  name = info["name"]
+  if model is None and name not in models.MODELS and ":" not in name:
+    raise JaxscaleError(f"{path}: model {name!r} was passed to the run as a Python object; "
+                        f"load it with export.load(path, model=<that object>)")
+  built = models.build(model if model is not None else name, dict(info.get("options", {})),
+                       name=name)
+  mean, std = info.get("mean"), info.get("std")
+  return Exported(model=built, variables=record["variables"],
+                  input_shape=tuple(int(n) for n in info["input_shape"]),
+                  mean=tuple(mean) if mean else None, std=tuple(std) if std else None,
+                  step=int(record["step"]), config=json.loads(record["config"]))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -91,12 +108,14 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--workdir", required=True, help="the run's workdir")
   parser.add_argument("--step", type=int, default=None,
                       help="the checkpoint step (default: the latest complete one)")
+  parser.add_argument("--best", action="store_true",
+                      help="the checkpoint of the best eval accuracy (checkpoint_keep_best)")
   parser.add_argument("--output", default=None,
                       help="the file to write (default: WORKDIR/export/model_<step>.msgpack)")
   args = parser.parse_args(sys.argv[1:] if argv is None else argv)
   try:
-    path = export(args.workdir, args.step, args.output)
-  except checkpoint.CheckpointError as e:
+    path = export(args.workdir, args.step, args.output, best=args.best)
+  except JaxscaleError as e:
     print(f"jaxscale-export: error: {e}", file=sys.stderr)
     sys.exit(2)
   print(path)

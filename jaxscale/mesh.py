@@ -10,7 +10,7 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from jaxscale.config import ConfigError
+from jaxscale.errors import ConfigError
 
 
 def create_mesh(layout: str = "data", devices: list | None = None) -> Mesh:

@@ -73,9 +73,9 @@ class Progress:
       if event:
         self._bar.set_postfix(loss=f"{event['loss']:.4f}", img_s=f"{event['examples_per_sec']:.0f}")
     elif event:
-      log(f"step {step} epoch {event['epoch']:.2f} loss {event['loss']:.4f} "
-          f"accuracy {event['accuracy']:.4f} lr {event['learning_rate']:.4g} "
-          f"{event['examples_per_sec']:.0f} examples/s")
+      accuracy = f"accuracy {event['accuracy']:.4f} " if "accuracy" in event else ""
+      log(f"step {step} epoch {event['epoch']:.2f} loss {event['loss']:.4f} {accuracy}"
+          f"lr {event['learning_rate']:.4g} {event['examples_per_sec']:.0f} examples/s")
     self._last = step
 
   def close(self) -> None:

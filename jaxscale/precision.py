@@ -25,6 +25,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jaxscale.errors import EXIT_NONFINITE, JaxscaleError
+
 DTYPES = {name: jnp.dtype(name) for name in ("float32", "bfloat16", "float16")}
 _SHORT_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
@@ -165,8 +167,9 @@ def select_tree(pred: jax.Array, on_true: Any, on_false: Any) -> Any:
 
 # --- The host-side guard. -----------------------------------------------------------------------
 
-class NonFiniteError(RuntimeError):
+class NonFiniteError(JaxscaleError, RuntimeError):
   """Training stopped: too many non-finite steps in a row."""
+  exit_status = EXIT_NONFINITE
 
 
 class NonFiniteGuard:

@@ -1,26 +1,23 @@
-"""The per-device train and eval steps, and the two ways to run them over a mesh.
+"""The per-device train, eval and BatchNorm-statistics steps (`runners.py` runs them on a mesh).
 
-One per-device step function serves both transforms. It computes the local loss and gradient,
-then reduces explicitly: `lax.pmean` of the gradients and metrics over the data axes. Under
-`jax.shard_map` this needs `check_vma=False`: with `check_vma=True` JAX already sums the
-gradient of a replicated parameter over the axis, and the pmean would then leave an update N
-times too large. `jax.pmap` (legacy) runs the same function with a replicated state.
+Each step computes on this device's part of the global batch and reduces explicitly over the
+data axes (`lax.pmean` / `lax.psum`); docs/step.md says why the runners need `check_vma=False`
+and what gradient accumulation does to BatchNorm.
 """
 from __future__ import annotations
 
 import dataclasses
-import functools
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 import flax
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from jax import lax
-from jax.sharding import Mesh, PartitionSpec as P
 
-from jaxscale import allreduce, batching, mesh as mesh_lib, precision
+from jaxscale import allreduce, batching, precision, sharding
+from jaxscale.models import BatchNorm, Model
+from jaxscale.tasks import Task
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -32,55 +29,44 @@ class TrainState(flax.struct.PyTreeNode):
   loss_scale: precision.LossScale  # scale 1 and static unless the policy computes in float16
 
 
-def create_train_state(model, make_optimizer: Callable[[Any], optax.GradientTransformation],
-                       rng: jax.Array, image_shape: tuple[int, ...],
+def create_train_state(model: Model, make_optimizer: Callable[[Any], optax.GradientTransformation],
+                       rng: jax.Array, example_input: jax.Array,
                        loss_scale: precision.LossScaleConfig = precision.NO_LOSS_SCALE
                        ) -> TrainState:
-  """Initializes parameters from `rng` alone, so every process computes the same state."""
-  variables = model.init(rng, jnp.zeros((1, *image_shape), jnp.float32), train=False)
+  """Initializes parameters from `rng` alone, so every process computes the same state.
+
+  `example_input` is a batch of model inputs (its values are not used, only its shape).
+  """
+  variables = model.init(rng, example_input)
   params = variables["params"]
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                    batch_stats=variables.get("batch_stats", {}),
+                    batch_stats=variables["batch_stats"],
                     opt_state=make_optimizer(0.0).init(params),
                     loss_scale=precision.init_loss_scale(loss_scale))
 
 
-def normalize(images: jax.Array, mean, std, dtype=jnp.float32) -> jax.Array:
-  """uint8 images -> normalized floats, on the device (a quarter of float32's bytes to move)."""
-  x = (images.astype(jnp.float32) - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
-  return x.astype(dtype)
-
-
-def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0) -> jax.Array:
-  """Per-example softmax cross-entropy in float32, with optional label smoothing."""
-  targets = jax.nn.one_hot(labels, logits.shape[-1], dtype=jnp.float32)
-  if label_smoothing:
-    targets = optax.smooth_labels(targets, label_smoothing)
-  return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
-
-
 @dataclasses.dataclass(frozen=True)
 class StepSpec:
-  """What the per-device steps need besides the state and the batch.
+  """What the per-device steps need besides the state and the batch (`build.build` makes it).
 
   `grad_accum_steps` and `max_per_device_batch` give the number of micro-batches k of each
-  device's batch (`batching.accum_steps`), resolved per batch size when the step is traced;
-  `train_step` says what accumulation does to BatchNorm.
+  device's batch (`batching.accum_steps`), resolved per batch size when the step is traced.
   """
-  model: Any
+  model: Model
+  task: Task
   make_optimizer: Callable[[Any], optax.GradientTransformation]  # learning rate -> optimizer
   axes: tuple[str, ...]  # mesh axes the batch is split over
-  mean: tuple[float, ...]
-  std: tuple[float, ...]
-  label_smoothing: float = 0.0
+  batch_norm: BatchNorm = BatchNorm()  # statistics over `axes` (or groups of them)
   sync_batch_stats: bool = False  # BN groups: average running statistics over all devices
   compute_dtype: Any = jnp.float32
-  output_dtype: Any = jnp.float32  # logits; the loss is float32 whatever this is
+  output_dtype: Any = jnp.float32  # the model's output; the loss is float32 whatever this is
   grad_allreduce_dtype: Any = jnp.float32  # gradients cross the devices in this dtype
   allreduce: str = "flat"  # or "hierarchical" on a (hosts x local) mesh (jaxscale/allreduce.py)
   loss_scale: precision.LossScaleConfig = precision.NO_LOSS_SCALE
   grad_accum_steps: int = 1  # micro-batches per device's batch; 1: none
   max_per_device_batch: int = 0  # > 0: the fewest micro-batches of at most this many examples
+  seed: int = 0  # dropout keys are drawn from (seed, step, device, micro-batch)
+  layout: sharding.Layout = sharding.REPLICATED  # how params and optimizer state lie
 
   def accum_steps(self, per_device_batch: int) -> int:
     """k, the micro-batches of a device's batch of this size (`batching.accum_steps`)."""
@@ -88,84 +74,90 @@ class StepSpec:
                                 self.max_per_device_batch)
 
 
+def _batch_size(batch: dict) -> int:
+  return jax.tree.leaves(batch)[0].shape[0]
+
+
 def train_step(spec: StepSpec, state: TrainState, batch: dict, learning_rate: jax.Array):
   """One optimizer step on this device's part of the global batch. Returns (state, metrics).
 
   A step whose loss or gradients are non-finite on any device leaves params, opt_state and
   batch_stats as they were on every device (a select on the decision of `all_finite`, taken
-  after the reduction) and backs the loss scale off.
-
-  Gradient accumulation (k > 1 micro-batches, see StepSpec): micro-batch i is rows
-  [i B/k, (i+1) B/k) of the device's B examples; a `lax.scan` runs one micro-batch's forward
-  and backward at a time and sums the gradients in float32, and their mean (the local batch's
-  gradient) goes through everything after (all-reduce, finite check, update) once. BatchNorm
-  sees ghost batches: micro-batch i is normalized with the statistics of micro-batch i over the
-  devices of its BN group, every micro-batch starts from the step's incoming batch_stats, and
-  the new running statistics are the mean of the k returned ones (flax's update is linear:
-  momentum * old + (1 - momentum) * the mean of the micro-batch statistics). The update is that
-  of one step on k times as many devices, with BN groups as large as this run's and the
-  running statistics averaged over all devices, where the devices of group i hold this run's
-  micro-batches i. The loss and accuracy are means over the micro-batches.
+  after the reduction) and backs the loss scale off. Metrics are means over the global batch:
+  "loss", the task's metrics, and the gradient norms the noise scale needs.
   """
-  scale = state.loss_scale.scale
+  scale, layout = state.loss_scale.scale, spec.layout
+  key = jax.random.fold_in(jax.random.fold_in(jax.random.key(spec.seed), state.step),
+                           lax.axis_index(spec.axes))
+  whole_params = layout.whole_params(state.params)  # fsdp: gathered for this step
 
-  def gradients(micro: dict):
-    """The scaled gradients, and (loss, accuracy, batch_stats), of one (micro-)batch."""
-    images = normalize(micro["image"], spec.mean, spec.std, spec.compute_dtype)
-    labels = micro["label"]
+  def gradients(micro: dict, rng: jax.Array):
+    """The scaled gradients, and (loss, metrics, batch_stats), of one (micro-)batch."""
+    x = spec.task.model_input(micro, spec.compute_dtype)
 
     def loss_fn(params):
-      logits, new_vars = spec.model.apply(
-          {"params": params, "batch_stats": state.batch_stats}, images, train=True,
-          mutable=["batch_stats"])
-      loss = cross_entropy(logits.astype(spec.output_dtype), labels, spec.label_smoothing).mean()
-      return loss * scale, (loss, logits, new_vars.get("batch_stats", {}))
+      output, batch_stats = spec.model.apply(
+          {"params": params, "batch_stats": state.batch_stats}, x, train=True,
+          batch_norm=spec.batch_norm, rng=rng)
+      per_example, metrics = spec.task.loss(output.astype(spec.output_dtype), micro, train=True)
+      loss = per_example.mean()
+      return loss * scale, (loss, {k: v.mean() for k, v in metrics.items()}, batch_stats)
 
-    (_, (loss, logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params)
-    accuracy = jnp.mean((jnp.argmax(logits, -1) == labels).astype(jnp.float32))
-    return grads, (loss, accuracy, batch_stats)
+    (_, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(whole_params)
+    return grads, aux
 
-  k = spec.accum_steps(batch["label"].shape[0])
+  k = spec.accum_steps(_batch_size(batch))
   if k == 1:
-    grads, (loss, accuracy, batch_stats) = gradients(batch)
+    grads, (loss, metrics, batch_stats) = gradients(batch, key)
   else:
-    grads, (loss, accuracy, batch_stats) = _accumulate(gradients, batch, k, state.params)
-  # Local mean gradient -> global mean gradient (see the module docstring), still scaled so
-  # that small gradients survive a float16 exchange.
-  # Squared norms of the local and the all-reduced gradient: the gradient noise scale's inputs.
+    grads, (loss, metrics, batch_stats) = _accumulate(gradients, batch, k, whole_params, key)
+  # Local mean gradient -> global mean gradient (sharded: this device's slice of it), still
+  # scaled so that small gradients survive a float16 exchange. Squared norms of the local and
+  # the reduced gradient: the gradient noise scale's inputs.
   local_sq_norm = optax.tree_utils.tree_norm(grads, squared=True) / (scale * scale)
-  grads = allreduce.mean_gradients(grads, spec.axes, spec.allreduce, spec.grad_allreduce_dtype)
+  if layout.sharded:
+    grads = layout.mean_gradients(grads, spec.grad_allreduce_dtype)
+    at_rest = layout.mode == "fsdp"
+    params = layout.slices(state.params, layout.params, at_rest)
+    opt_state = layout.slices(state.opt_state, layout.opt_state, True)
+  else:
+    grads = allreduce.mean_gradients(grads, spec.axes, spec.allreduce, spec.grad_allreduce_dtype)
+    params, opt_state = state.params, state.opt_state
   grads = precision.unscale(grads, scale)
   finite = precision.all_finite((grads, loss), spec.axes)
   if spec.sync_batch_stats:
     batch_stats = lax.pmean(batch_stats, spec.axes)
   tx = spec.make_optimizer(learning_rate)
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  updates, new_opt_state = tx.update(grads, opt_state, params)
   params, opt_state, batch_stats = precision.select_tree(
-      finite, (optax.apply_updates(state.params, updates), opt_state, batch_stats),
-      (state.params, state.opt_state, state.batch_stats))
+      finite, (optax.apply_updates(params, updates), new_opt_state, batch_stats),
+      (params, opt_state, state.batch_stats))
+  grad_sq_norm = optax.tree_utils.tree_norm(grads, squared=True)
+  if layout.sharded:
+    params = layout.unslice(params, layout.params, state.params, layout.mode == "fsdp")
+    opt_state = layout.unslice(opt_state, layout.opt_state, state.opt_state, True)
+    grad_sq_norm = layout.sum_over_shards(grad_sq_norm)
   loss_scale = precision.update_loss_scale(state.loss_scale, finite, spec.loss_scale)
   new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
                             opt_state=opt_state, loss_scale=loss_scale)
-  metrics = lax.pmean({"loss": loss, "accuracy": accuracy,
-                       "grad_sq_norm_local": local_sq_norm}, spec.axes)
-  metrics["grad_sq_norm_global"] = optax.tree_utils.tree_norm(grads, squared=True)
+  metrics = lax.pmean({"loss": loss, **metrics, "grad_sq_norm_local": local_sq_norm}, spec.axes)
+  metrics["grad_sq_norm_global"] = grad_sq_norm
   # Already the same on every device: no reduction needed.
   metrics.update(finite=finite, loss_scale=loss_scale.scale,
-                 skipped_steps=loss_scale.skipped_steps)
+                 skipped_steps=loss_scale.skipped_steps, learning_rate=learning_rate)
   return new_state, metrics
 
 
-def _accumulate(gradients: Callable, batch: dict, k: int, params: Any):
+def _accumulate(gradients: Callable, batch: dict, k: int, params: Any, key: jax.Array):
   """`gradients` over k micro-batches of `batch`, one at a time: the mean gradient and the
-  means of (loss, accuracy, batch_stats). Only one micro-batch's activations are live."""
-  def add(total, micro_batch):
-    grads, aux = gradients(micro_batch)
+  means of (loss, metrics, batch_stats). Only one micro-batch's activations are live."""
+  def add(total, inputs):
+    micro_batch, i = inputs
+    grads, aux = gradients(micro_batch, jax.random.fold_in(key, i))
     return jax.tree.map(lambda t, g: t + g.astype(jnp.float32), total, grads), aux
 
   zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
-  total, aux = lax.scan(add, zeros, _micro_batches(batch, k))
+  total, aux = lax.scan(add, zeros, (_micro_batches(batch, k), jnp.arange(k)))
   grads = jax.tree.map(lambda t, p: (t / k).astype(p.dtype), total, params)
   return grads, jax.tree.map(lambda x: x.mean(axis=0), aux)
 
@@ -176,40 +168,43 @@ def _micro_batches(batch: dict, k: int) -> dict:
 
 
 def eval_step(spec: StepSpec, state: TrainState, batch: dict) -> dict[str, jax.Array]:
-  """Masked sums over the global batch: padding examples (mask 0) count for nothing."""
-  images = normalize(batch["image"], spec.mean, spec.std, spec.compute_dtype)
-  logits = spec.model.apply({"params": state.params, "batch_stats": state.batch_stats}, images,
-                            train=False).astype(spec.output_dtype)
+  """Masked sums over the global batch: "loss", the task's metrics and "count" (padding
+  examples, mask 0, count for nothing)."""
+  x = spec.task.model_input(batch, spec.compute_dtype)
+  output, _ = spec.model.apply({"params": spec.layout.whole_params(state.params),
+                                "batch_stats": state.batch_stats}, x,
+                               train=False, batch_norm=spec.batch_norm)
+  per_example, metrics = spec.task.loss(output.astype(spec.output_dtype), batch, train=False)
   mask = batch["mask"]
-  correct = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)
-  sums = {"loss": jnp.sum(cross_entropy(logits, batch["label"]) * mask),
-          "correct": jnp.sum(correct * mask), "count": jnp.sum(mask)}
+  sums = {"loss": jnp.sum(per_example * mask), "count": jnp.sum(mask)}
+  sums.update({k: jnp.sum(v * mask) for k, v in metrics.items()})
   return lax.psum(sums, spec.axes)
 
 
 def batch_stats_step(spec: StepSpec, state: TrainState, batch: dict) -> Any:
   """This global batch's BatchNorm statistics: each BN layer's batch mean and variance.
 
-  They are what a train step normalizes with: over the global batch through the model's BN
-  axis_name, or over each BN group and then averaged over all devices (`sync_batch_stats`),
-  in float32; with gradient accumulation, the mean over the k micro-batches' statistics.
-  Parameters and running statistics are left as they are; the result has the structure of
-  `state.batch_stats` and is the same on every device.
+  They are what a train step normalizes with: over the global batch, or over each BN group and
+  then averaged over all devices (`sync_batch_stats`), in float32; with gradient accumulation,
+  the mean over the k micro-batches' statistics. Parameters and running statistics are left
+  as they are; the result has the structure of `state.batch_stats` and is the same on every
+  device.
   """
+  # With momentum 0 the stored running statistic is the batch statistic exactly (0 * running
+  # and 1 * batch are exact), where solving the trained momentum's update for it would lose
+  # digits to cancellation.
+  batch_norm = dataclasses.replace(spec.batch_norm, momentum_cap=0.0)
+  params = spec.layout.whole_params(state.params)
+
   def statistics(micro: dict):
-    images = normalize(micro["image"], spec.mean, spec.std, spec.compute_dtype)
-    # flax stores `momentum * running + (1 - momentum) * batch`; with momentum 0 that is the
-    # batch statistic exactly (0 * running and 1 * batch are exact in floating point), where
-    # solving the trained momentum's update for it would lose digits to cancellation. Every
-    # model with BatchNorm in the zoo (the ResNets) has the `bn_momentum` field.
-    _, new_vars = spec.model.clone(bn_momentum=0.0).apply(
-        {"params": state.params, "batch_stats": state.batch_stats}, images, train=True,
-        mutable=["batch_stats"])
-    return new_vars["batch_stats"]
+    x = spec.task.model_input(micro, spec.compute_dtype)
+    _, stats = spec.model.apply({"params": params, "batch_stats": state.batch_stats}, x,
+                                train=True, batch_norm=batch_norm)
+    return stats
 
   # With gradient accumulation, the micro-batches training normalizes with (ghost batches), one
   # at a time: the memory bound that made accumulation necessary holds here too.
-  k = spec.accum_steps(batch["label"].shape[0])
+  k = spec.accum_steps(_batch_size(batch))
   if k == 1:
     stats = statistics(batch)
   else:
@@ -217,118 +212,3 @@ def batch_stats_step(spec: StepSpec, state: TrainState, batch: dict) -> Any:
   if spec.sync_batch_stats:
     stats = lax.pmean(stats, spec.axes)
   return stats
-
-
-@dataclasses.dataclass(frozen=True)
-class Runner:
-  """The steps compiled for one parallelism, and how state and batches reach the devices."""
-  init_state: Callable[[jax.Array], TrainState]  # rng -> state on the devices
-  put_batch: Callable[[dict], Any]  # this process's numpy batch -> device input
-  train_step: Callable  # (state, batch, learning_rate) -> (state, metrics)
-  eval_step: Callable  # (state, batch) -> metric sums
-  batch_stats_step: Callable  # (state, batch) -> BN statistics as replicated jax.Arrays
-  global_state: Callable[[Any], TrainState]  # device state -> state as replicated jax.Arrays
-  from_global_state: Callable[[TrainState], Any]  # the inverse (after a checkpoint restore)
-
-
-def shard_map_runner(spec: StepSpec, mesh: Mesh, create_state: Callable) -> Runner:
-  """`jax.jit` of `jax.shard_map`: the state replicated, the batch split over the data axes."""
-  batch_spec, replicated = P(spec.axes), mesh_lib.replicated(mesh)
-  train = jax.shard_map(functools.partial(train_step, spec), mesh=mesh,
-                        in_specs=(P(), batch_spec, P()), out_specs=(P(), P()), check_vma=False)
-  evaluate = jax.shard_map(functools.partial(eval_step, spec), mesh=mesh,
-                           in_specs=(P(), batch_spec), out_specs=P(), check_vma=False)
-  stats = jax.shard_map(functools.partial(batch_stats_step, spec), mesh=mesh,
-                        in_specs=(P(), batch_spec), out_specs=P(), check_vma=False)
-  sharding = mesh_lib.batch_sharding(mesh)
-
-  def put_batch(local: dict) -> dict:
-    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
-
-  return Runner(
-      init_state=jax.jit(create_state, out_shardings=replicated),
-      put_batch=put_batch,
-      train_step=jax.jit(train, donate_argnums=0),
-      eval_step=jax.jit(evaluate),
-      batch_stats_step=jax.jit(stats),
-      global_state=lambda state: state,
-      from_global_state=lambda state: jax.device_put(state, replicated))
-
-
-def pmap_runner(spec: StepSpec, mesh: Mesh, create_state: Callable) -> Runner:
-  """Legacy `jax.pmap` over this process's devices, with a replicated copy of the state each."""
-  if spec.axes != ("data",):
-    raise ValueError("config key 'mesh': parallelism='pmap' supports only mesh='data'")
-  devices = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
-  train = jax.pmap(functools.partial(train_step, spec), axis_name="data", in_axes=(0, 0, None),
-                   donate_argnums=0, devices=devices)
-  evaluate = jax.pmap(functools.partial(eval_step, spec), axis_name="data", devices=devices)
-  stats = jax.pmap(functools.partial(batch_stats_step, spec), axis_name="data", devices=devices)
-
-  stacked = jax.sharding.NamedSharding(Mesh(np.array(devices), ("data",)), P("data"))
-
-  def init_state(rng):
-    state = jax.jit(create_state)(rng)
-    copies = jax.tree.map(lambda x: jnp.broadcast_to(x, (len(devices), *x.shape)), state)
-    return jax.device_put(copies, stacked)
-
-  def put_batch(local: dict) -> dict:
-    return {k: v.reshape(len(devices), -1, *v.shape[1:]) for k, v in local.items()}
-
-  def unreplicate(tree):
-    return jax.tree.map(lambda x: x[0], tree)
-
-  # Stacked copies <-> arrays replicated over the global mesh, without a trip through the host.
-  replicated = mesh_lib.replicated(mesh)
-
-  def global_state(state):
-    return jax.tree.map(lambda x: jax.make_array_from_single_device_arrays(
-        x.shape[1:], replicated, [s.data.reshape(x.shape[1:]) for s in x.addressable_shards]),
-        state)
-
-  def from_global_state(state):
-    return jax.tree.map(lambda x: jax.make_array_from_single_device_arrays(
-        (len(devices), *x.shape), stacked, [s.data[None] for s in x.addressable_shards]), state)
-
-  return Runner(
-      init_state=init_state,
-      put_batch=put_batch,
-      train_step=lambda state, batch, lr: (lambda s, m: (s, unreplicate(m)))(
-          *train(state, batch, np.float32(lr))),
-      eval_step=lambda state, batch: unreplicate(evaluate(state, batch)),
-      batch_stats_step=lambda state, batch: global_state(stats(state, batch)),
-      global_state=global_state,
-      from_global_state=from_global_state)
-
-
-RUNNERS = {"shard_map": shard_map_runner, "pmap": pmap_runner}
-
-
-_add_trees = jax.jit(functools.partial(jax.tree.map, jnp.add))
-
-
-def precise_batch_stats(runner: Runner, state: Any, batches: Iterable[dict]) -> Any:
-  """PreciseBN (Wu & Johnson 2021, arXiv 2105.07576): population statistics, weights fixed.
-
-  Replaces every BatchNorm layer's running mean by the mean of its per-batch means over
-  `batches` (this process's numpy parts of global batches), and its running variance by the
-  mean of the per-batch variances, as the paper's PreciseBN does. Unlike the running averages
-  of training, these come from the final weights alone, however few steps an epoch has.
-
-  Args:
-    runner: the runner that trained `state`.
-    state: the state in the runner's device layout.
-    batches: at least one batch.
-
-  Returns:
-    `state` with the new statistics, in the runner's device layout.
-  """
-  total, count = None, 0
-  for batch in batches:
-    stats = runner.batch_stats_step(state, runner.put_batch(batch))
-    total = stats if total is None else _add_trees(total, stats)
-    count += 1
-  if not count:
-    raise ValueError("precise_batch_stats needs at least one batch")
-  averaged = jax.tree.map(lambda x: x / count, total)
-  return runner.from_global_state(runner.global_state(state).replace(batch_stats=averaged))

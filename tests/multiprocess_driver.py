@@ -21,7 +21,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from jaxscale import data, train
+from jaxscale import build, data, train
 
 
 class RecordingSource(Sequence):
@@ -41,7 +41,7 @@ class RecordingSource(Sequence):
 
 def record(out: dict) -> None:
   """Wraps what `train.run` calls, so that `out` receives the reads, the mesh and the result."""
-  load_dataset, create_mesh, run = data.load_dataset, train.create_mesh, train.run
+  load_dataset, create_mesh, run = data.load_dataset, build.create_mesh, train.run
   out.update(train_reads=[], eval_reads=[])
 
   def recording_load_dataset(config):
@@ -58,7 +58,7 @@ def record(out: dict) -> None:
     out["result"] = run(config, workdir)
     return out["result"]
 
-  data.load_dataset, train.create_mesh, train.run = (
+  data.load_dataset, build.create_mesh, train.run = (
       recording_load_dataset, recording_create_mesh, recording_run)
   if os.environ.get("MULTIPROCESS_DRIVER_FAIL") == os.environ.get("JAX_PROCESS_ID"):
     data.TrainLoader = FailingLoader  # (jax.process_index() would start JAX too early here)

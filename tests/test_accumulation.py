@@ -8,32 +8,13 @@ import os
 import flax.linen as nn
 import jax
 import numpy as np
-import optax
 import pytest
 
-from jaxscale import mesh as mesh_lib, models, precision, step as step_lib, train
-from conftest import run_main
-from test_step import MEAN, STD, make_batches, max_relative_difference
+from jaxscale import precision, train
+from conftest import make_batches, max_relative_difference, run_main, tiny_pieces, train_on
 
 QUICKSTART = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                           "configs", "quickstart.py")
-
-
-def make_runner(model, num_devices, parallelism="shard_map", **spec_options):
-  mesh = mesh_lib.create_mesh("data", jax.devices()[:num_devices])
-  make_optimizer = lambda lr: optax.chain(optax.add_decayed_weights(5e-4),
-                                          optax.sgd(lr, momentum=0.9, nesterov=True))
-  spec = step_lib.StepSpec(model=model, make_optimizer=make_optimizer, axes=("data",),
-                           mean=MEAN, std=STD, **spec_options)
-  return step_lib.RUNNERS[parallelism](
-      spec, mesh, lambda rng: step_lib.create_train_state(model, make_optimizer, rng, (8, 8, 1)))
-
-
-def train_on(runner, batches):
-  state, metrics = runner.init_state(jax.random.key(0)), None
-  for batch in batches:
-    state, metrics = runner.train_step(state, runner.put_batch(batch), 0.1)
-  return jax.device_get(runner.global_state(state)), jax.device_get(metrics)
 
 
 def ghost_order(batch, devices, k):
@@ -57,13 +38,8 @@ def resnet_runs():
   """4 devices x 2 micro-batches; 8 devices in BN groups of 4 on the ghost-ordered batches and,
   as a control, on the batches as they are."""
   batches = make_batches(3)
-  accumulated = train_on(make_runner(
-      models.create_model("resnet8", num_classes=10, stem="small", bn_axis_name="data"), 4,
-      grad_accum_steps=2), batches)
-  grouped = make_runner(
-      models.create_model("resnet8", num_classes=10, stem="small", bn_axis_name="data",
-                          bn_axis_index_groups=[[0, 1, 2, 3], [4, 5, 6, 7]]), 8,
-      sync_batch_stats=True)
+  accumulated = train_on(tiny_pieces(jax.devices()[:4], "grad_accum_steps=2"), batches)
+  grouped = tiny_pieces(jax.devices(), "bn_group_size=4")
   ghost = train_on(grouped, [ghost_order(b, devices=4, k=2) for b in batches])
   unordered = train_on(grouped, batches)
   return accumulated, ghost, unordered
@@ -97,23 +73,28 @@ class MLP(nn.Module):
 @pytest.fixture(scope="module")
 def mlp_reference():
   """3 steps on whole batches of 16, one device, no accumulation."""
-  runner = make_runner(MLP(), 1)
-  whole = train_on(runner, make_batches(3))
-  assert max_relative_difference(whole[0].params, train_on(runner, [])[0].params) > 1e-3
+  pieces = tiny_pieces(jax.devices()[:1], model=MLP())
+  whole = train_on(pieces, make_batches(3))
+  assert max_relative_difference(whole[0].params, train_on(pieces, [])[0].params) > 1e-3
   return whole
 
 
-@pytest.mark.parametrize("options", [
-    dict(grad_accum_steps=4),
-    dict(grad_accum_steps=4, parallelism="pmap"),  # pmap's per-device batch shape
-    dict(max_per_device_batch=4),  # 16 examples -> 4 micro-batches of 4
-    # A power-of-2 loss scale is exact in float32: the same update, scaled sums and all.
-    dict(grad_accum_steps=4, loss_scale=precision.LossScaleConfig(initial=2.0**10, min=2.0**10,
-                                                                 max=2.0**10)),
+# A power-of-2 loss scale is exact in float32: the same update, scaled sums and all.
+STATIC_SCALE = precision.LossScaleConfig(initial=2.0**10, min=2.0**10, max=2.0**10)
+
+
+@pytest.mark.parametrize("overrides, spec", [
+    (["grad_accum_steps=4"], {}),
+    (["grad_accum_steps=4", "parallelism=pmap"], {}),  # pmap's per-device batch shape
+    (["max_per_device_batch=4"], {}),  # 16 examples -> 4 micro-batches of 4
+    (["grad_accum_steps=4"], dict(loss_scale=STATIC_SCALE)),
 ])
-def test_accumulation_without_bn_equals_the_whole_batch(mlp_reference, options):
+def test_accumulation_without_bn_equals_the_whole_batch(mlp_reference, overrides, spec):
   whole, whole_metrics = mlp_reference
-  state, metrics = train_on(make_runner(MLP(), 1, **options), make_batches(3))
+  pieces = tiny_pieces(jax.devices()[:1], *overrides, model=MLP())
+  if spec:
+    pieces = pieces.with_spec(**spec)
+  state, metrics = train_on(pieces, make_batches(3))
   assert max_relative_difference(state.params, whole.params) <= 1e-5
   for key in ("loss", "accuracy", "grad_sq_norm_local", "grad_sq_norm_global"):
     np.testing.assert_allclose(metrics[key], whole_metrics[key], rtol=1e-5)
@@ -122,10 +103,11 @@ def test_accumulation_without_bn_equals_the_whole_batch(mlp_reference, options):
 def test_accumulation_keeps_one_micro_batch_of_activations():
   """The point of accumulating: the compiled step's scratch memory shrinks about k-fold."""
   def scratch_bytes(k):
-    runner = make_runner(MLP(), 1, grad_accum_steps=k)
+    pieces = tiny_pieces(jax.devices()[:1], f"grad_accum_steps={k}", model=MLP())
+    runner = pieces.runner
     batch = runner.put_batch({"image": np.zeros((4096, 8, 8, 1), np.uint8),
                               "label": np.zeros(4096, np.int32)})
-    compiled = runner.train_step.lower(runner.init_state(jax.random.key(0)), batch, 0.1).compile()
+    compiled = runner.train_step.lower(pieces.init_state(), batch, 0.1).compile()
     return compiled.memory_analysis().temp_size_in_bytes
 
   assert scratch_bytes(4) < scratch_bytes(1) / 3

@@ -3,7 +3,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from jaxscale import batching
+from jaxscale import batching, noise_scale
 from jaxscale.config import ConfigError
 
 
@@ -129,13 +129,13 @@ def test_noise_scale_estimate_matches_the_closed_form():
   d, sigma, small, devices = 50, 2.0, 16, 8
   true_g = rng.normal(size=d)
   expected = d * sigma**2 / float(true_g @ true_g)
-  noise = batching.NoiseScale(decay=0.999)
+  noise = noise_scale.NoiseScale(decay=0.999)
   for _ in range(3000):
     per_example = true_g + sigma * rng.normal(size=(devices, small, d))
     local = per_example.mean(axis=1)  # each device's gradient over its b examples
     small_sq = float(np.mean(np.sum(local**2, axis=1)))
     big_sq = float(np.sum(local.mean(axis=0) ** 2))  # the all-reduced gradient over B = 8b
-    noise.update(*batching.noise_scale_terms(small_sq, big_sq, small, small * devices))
+    noise.update(*noise_scale.noise_scale_terms(small_sq, big_sq, small, small * devices))
   assert noise.value == pytest.approx(expected, rel=0.1)
   with pytest.raises(ValueError):
-    batching.noise_scale_terms(1.0, 1.0, 16, 16)
+    noise_scale.noise_scale_terms(1.0, 1.0, 16, 16)

@@ -14,15 +14,14 @@ import threading
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from flax import linen as nn
 
-from jaxscale import checkpoint, export, mesh as mesh_lib, step as step_lib
+from jaxscale import checkpoint, export, mesh as mesh_lib, preemption
 from jaxscale.config import ConfigError, defaults, to_json, validate
+from conftest import tiny_pieces
 
 IMAGE_SHAPE = (8, 8, 3)
-MEAN, STD = (120.0,) * 3, (60.0,) * 3
 CONFIG_JSON = to_json(defaults())
 
 
@@ -38,14 +37,8 @@ class TinyNet(nn.Module):
 
 
 def make_runner(parallelism, devices, width=4):
-  mesh = mesh_lib.create_mesh("data", devices)
-  model = TinyNet(width)
-  make_optimizer = lambda lr: optax.sgd(lr, momentum=0.9)
-  spec = step_lib.StepSpec(model=model, make_optimizer=make_optimizer, axes=("data",),
-                           mean=MEAN, std=STD)
-  return step_lib.RUNNERS[parallelism](
-      spec, mesh,
-      lambda rng: step_lib.create_train_state(model, make_optimizer, rng, IMAGE_SHAPE))
+  return tiny_pieces(devices, f"parallelism={parallelism}", model=TinyNet(width),
+                     shape=IMAGE_SHAPE).runner
 
 
 def host(tree):
@@ -256,7 +249,7 @@ def test_export_without_a_checkpoint_is_one_clear_error(tmp_path, capsys):
 
 def test_preemption_flag_is_read_one_boundary_later(trained):
   previous = signal.getsignal(signal.SIGTERM)
-  watch = checkpoint.PreemptionWatch(mesh_lib.create_mesh("data"))
+  watch = preemption.PreemptionWatch(mesh_lib.create_mesh("data"))
   try:
     assert not watch.stop_requested()
     assert not watch.stop_requested()  # the answer of the boundary before: no signal yet

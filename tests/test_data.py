@@ -8,6 +8,7 @@ import pytest
 
 from jaxscale import config as config_lib, data, mesh as mesh_lib
 from jaxscale.data import fashion_mnist, sources
+from jaxscale.errors import DataError
 
 IDX_DIR = "/usr/share/datasets/fashion-mnist"
 
@@ -21,7 +22,7 @@ def fmnist(tfds_dir):
 
 def test_fashion_mnist_from_debian_idx_files(fmnist):
   assert (len(fmnist.train), len(fmnist.eval)) == (60000, 10000)
-  assert fmnist.num_classes == 10 and fmnist.image_shape == (28, 28, 1)
+  assert fmnist.num_classes == 10 and fmnist.mean == (0.286 * 255,)
   record = fmnist.eval[0]
   assert record["image"].dtype == np.uint8 and record["image"].shape == (28, 28, 1)
   # The converted records hold the IDX pixels and labels unchanged.
@@ -34,14 +35,20 @@ def test_fashion_mnist_from_debian_idx_files(fmnist):
 
 
 def test_missing_data_names_the_options(tmp_path, monkeypatch):
-  def offline(*args, **kwargs):  # the real download retries for minutes without a network
-    raise ConnectionError("no network")
-  monkeypatch.setattr(sources.tfds.core.DatasetBuilder, "download_and_prepare", offline)
   config = config_lib.defaults()
   config.data_dir = str(tmp_path / "empty")
   config.fashion_mnist_idx_dir = str(tmp_path / "no-idx")
-  with pytest.raises(FileNotFoundError,
-                     match="fashion_mnist_idx_dir.*dataset-fashion-mnist.*download failed"):
+  # Offline (this machine): said at once, with no download attempt that would retry for minutes.
+  monkeypatch.setattr(sources, "network_reachable", lambda: False)
+  with pytest.raises(DataError, match="fashion_mnist_idx_dir.*dataset-fashion-mnist.*and no "
+                                      "network to download it$"):
+    sources._fashion_mnist_builder(config.data_dir, config.fashion_mnist_idx_dir)
+
+  def failing(*args, **kwargs):
+    raise ConnectionError("no route")
+  monkeypatch.setattr(sources, "network_reachable", lambda: True)
+  monkeypatch.setattr(sources.tfds.core.DatasetBuilder, "download_and_prepare", failing)
+  with pytest.raises(DataError, match=r"download failed \(ConnectionError: no route\)$"):
     sources._fashion_mnist_builder(config.data_dir, config.fashion_mnist_idx_dir)
 
 
@@ -75,11 +82,12 @@ def test_a_download_finished_first_by_another_run_is_reused(tmp_path, monkeypatc
       Catalog.prepared = Catalog.other_run_finishes_first
       raise FileExistsError("Destination fashion_mnist/3.0.1 already exists.")
   monkeypatch.setattr(sources.tfds, "builder", lambda name, data_dir: Catalog())
+  monkeypatch.setattr(sources, "network_reachable", lambda: True)
   no_idx = str(tmp_path / "no-idx")
   assert isinstance(sources._fashion_mnist_builder(str(tmp_path), no_idx), Catalog)
   # Nothing prepared by another run: the failure is reported, not swallowed.
   Catalog.prepared = Catalog.other_run_finishes_first = False
-  with pytest.raises(FileNotFoundError, match=r"download failed \(FileExistsError\)"):
+  with pytest.raises(DataError, match=r"download failed \(FileExistsError: "):
     sources._fashion_mnist_builder(str(tmp_path), no_idx)
 
 

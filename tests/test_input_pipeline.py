@@ -6,7 +6,8 @@ import pytest
 from PIL import Image
 import tensorflow_datasets as tfds
 
-from jaxscale import config as config_lib, data, train
+from jaxscale import build, config as config_lib, data, train
+from jaxscale.errors import DataError
 from jaxscale.data import transforms
 from jaxscale.data.sources import SyntheticSource
 
@@ -27,7 +28,7 @@ def mock_imagenet():
 
 def test_imagenet2012_batches(mock_imagenet):
   dataset = data.load_dataset(imagenet_config())
-  assert dataset.num_classes == 1000 and dataset.image_shape == (32, 32, 3)
+  assert dataset.num_classes == 1000 and dataset.varying_size and dataset.channels == 3
   sizes = {dataset.train[i]["image"].shape for i in range(5)}
   assert len(sizes) > 1  # varying sizes in, fixed size out
   loader = data.TrainLoader(dataset.train, seed=0, transform=data.TrainTransform(32),
@@ -55,13 +56,14 @@ def test_trainer_runs_on_a_catalog_dataset(mock_imagenet, tmp_path):
 def test_unprepared_dataset_names_data_dir(tmp_path):
   config = config_lib.defaults()
   config.update(dataset="cifar10", data_dir=str(tmp_path))
-  with pytest.raises(FileNotFoundError, match=f"'cifar10'.*not prepared.*{tmp_path}.*data_dir"):
+  with pytest.raises(DataError, match=f"'cifar10'.*not prepared.*{tmp_path}.*data_dir"):
     data.load_dataset(config)
 
 
 def test_varying_image_sizes_need_image_size(mock_imagenet):
-  with pytest.raises(config_lib.ConfigError, match="config key 'image_size'"):
-    data.load_dataset(imagenet_config(image_size=0))
+  with pytest.raises(config_lib.ConfigError, match="config key 'image_size': imagenet2012 has "
+                                                   "images of varying size"):
+    build.build(imagenet_config(image_size=0, global_batch_size=16))
 
 
 def coordinate_image(height, width):

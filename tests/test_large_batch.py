@@ -74,17 +74,21 @@ def test_recipe_builds_and_trains_one_step_at_tiny_size(recipe, tmp_path, capsys
   shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 224, 224, 3)))
   assert sum(x.size for x in jax.tree.leaves(shapes["params"])) == params
   # Everything else of the recipe (optimizer, schedule, precision, batch schedule) at tiny size,
-  # with precise BN in every recipe's precision (ViT has no BatchNorm: it skips it).
+  # with precise BN in every recipe's precision (ViT has no BatchNorm: refused there).
+  vit = small.startswith("vit")
   overrides = {"model": small, "global_batch_size": 16, "num_train_steps": 2,
-               "image_size": 32 if small.startswith("vit") else 8, "precise_bn_batches": 2}
+               "image_size": 32 if vit else 8, "precise_bn_batches": 0 if vit else 2}
   if config.batch_schedule:
     overrides["batch_schedule"] = "0:16,0.25:32"
   config_lib.validate(config, jax.device_count())
   result = train.run(tiny(config, **overrides), str(tmp_path))
   assert np.isfinite(result["loss"]) and result["num_examples"] == 16
-  expected = (f"{small} has no BatchNorm" if small.startswith("vit")
-              else "statistics from 2 batches")
-  assert f"precise BN: {expected}" in capsys.readouterr().err
+  if vit:
+    with pytest.raises(config_lib.ConfigError, match=f"config key 'precise_bn_batches': model "
+                                                     f"'{small}' has no BatchNorm"):
+      train.run(tiny(config, **{**overrides, "precise_bn_batches": 2}), str(tmp_path / "p"))
+  else:
+    assert "precise BN: statistics from 2 batches" in capsys.readouterr().err
 
 
 BENCHMARK = os.path.join(ROOT, "benchmarks", "large_batch.py")
@@ -146,6 +150,23 @@ def test_benchmark_report_keeps_the_best_rate_per_cell(tmp_path):
   table = bench.report(results, str(tmp_path))
   assert "failed" not in table  # the rerun of the same sweep point supersedes the failure
   assert "| 8,192 | 7.3 | - | 80.00% (5.66, power 2) |" in table
+
+
+def test_benchmark_reports_time_to_accuracy_from_eval_curves(tmp_path):
+  bench = _benchmark()
+  baseline = {"method": "sgd", "global_batch_size": 128, "lr_factor": 1.0, "epochs": 4.0,
+              "accuracy": 0.93, "peak_lr": 0.2,
+              "evals": [[1, 469, 0.88, 60.0, 2.0], [2, 938, 0.915, 120.0, 4.0],
+                        [3, 1407, 0.925, 180.0, 6.0], [4, 1875, 0.93, 240.0, 8.0]]}
+  large = {"method": "lamb", "global_batch_size": 4096, "lr_factor": 1.0, "epochs": 4.0,
+           "accuracy": 0.912, "peak_lr": 0.04,
+           "evals": [[1, 15, 0.70, 30.0, 1.0], [2, 30, 0.905, 60.0, 2.0],
+                     [3, 44, 0.911, 90.0, 3.0], [4, 59, 0.912, 120.0, 4.0]]}
+  table = bench.report([baseline, large], str(tmp_path))
+  assert "within 1 and 2 points of the baseline's final 93.00%" in table
+  assert "| sgd 128 (x1) | 93.00% | 3 (1,407) | 2 (938) | 116 s |" in table
+  assert "| lamb 4,096 (x1) | 91.20% | not reached | 3 (44) | 87 s |" in table
+  assert os.path.exists(tmp_path / "large_batch_curves.png")
 
 
 def test_benchmark_says_a_killed_run_may_have_run_out_of_memory(tmp_path, monkeypatch):

@@ -7,6 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxscale import models
+from jaxscale.errors import ConfigError
 from jaxscale.models import MODELS, BasicBlock, BottleneckBlock, ResNet, create_model
 
 X = jnp.asarray(np.random.RandomState(0).randn(8, 32, 32, 3), jnp.float32)
@@ -156,49 +158,58 @@ def test_zero_init_last_bn(block_cls, last_bn, zero_init):
 
 def test_create_model_passes_options():
   model = create_model("resnet8", num_classes=10, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16,
-                       bn_momentum=0.5, bn_axis_name="data", bn_axis_index_groups=[[0, 1]],
-                       zero_init_last_bn=True)
+                       bn_momentum=0.5, zero_init_last_bn=True)
   assert (model.num_classes, model.dtype, model.param_dtype) == (10, jnp.bfloat16, jnp.bfloat16)
-  assert (model.bn_momentum, model.bn_axis_name, model.bn_axis_index_groups) == (
-      0.5, "data", [[0, 1]])
-  assert model.zero_init_last_bn
+  assert model.bn_momentum == 0.5 and model.zero_init_last_bn
 
 
 def test_unknown_model_and_bad_stem():
-  with pytest.raises(ValueError, match=r"^unknown model 'foo'; known: resnet101, resnet152, "
-                     r"resnet18, .*vit_b16, vit_s16, vit_ti16$") as info:
+  with pytest.raises(ConfigError, match=r"^config key 'model': unknown model 'foo'; known: "
+                     r"resnet101, resnet152, resnet18, .*vit_b16, vit_s16, vit_ti16$") as info:
     create_model("foo", num_classes=10)
   assert "\n" not in str(info.value)
   assert all(name in str(info.value) for name in MODELS)
-  with pytest.raises(ValueError, match=r"^unknown stem 'tiny'; known: imagenet, small$"):
+  with pytest.raises(ConfigError, match=r"^config key 'stem': unknown stem 'tiny'; known: auto, "
+                                        r"imagenet, small$"):
     create_model("resnet18", num_classes=10, stem="tiny")
 
 
 def test_options_irrelevant_to_vit_are_ignored():
-  model = create_model("vit_ti16", num_classes=10, stem="small", bn_axis_name="data",
-                       bn_momentum=0.5, zero_init_last_bn=True)
+  model = create_model("vit_ti16", num_classes=10, stem="small", bn_momentum=0.5,
+                       zero_init_last_bn=True)
   assert model.patch_size == 16 and model.width == 192
 
 
 def test_cross_replica_batch_norm_matches_single_device():
+  """jaxscale's control of BatchNorm (models/contract.py): the global statistics under pmap."""
   n = jax.local_device_count()
   assert n == 8
   x = jnp.asarray(np.random.RandomState(1).randn(n * 2, 8, 8, 3), jnp.float32)
-  single = create_model("resnet8", num_classes=10)
-  replicated = create_model("resnet8", num_classes=10, bn_axis_name="data")
-  variables = single.init(jax.random.key(0), x, train=False)
+  model = models.build("resnet8", {"num_classes": 10})
+  variables = model.init(jax.random.key(0), x)
 
-  def train(model):
-    return functools.partial(model.apply, train=True, mutable=["batch_stats"])
+  def train(batch_norm):
+    return lambda v, x: model.apply(v, x, train=True, batch_norm=batch_norm)
 
-  logits, state = jax.jit(train(single))(variables, x)
-  p_logits, p_state = jax.pmap(train(replicated), axis_name="data", in_axes=(None, 0))(
-      variables, x.reshape(n, 2, 8, 8, 3))
+  logits, state = jax.jit(train(models.BatchNorm()))(variables, x)
+  p_logits, p_state = jax.pmap(train(models.BatchNorm("data")), axis_name="data",
+                               in_axes=(None, 0))(variables, x.reshape(n, 2, 8, 8, 3))
 
   np.testing.assert_allclose(p_logits.reshape(n * 2, 10), logits, rtol=1e-4, atol=1e-4)
   for got, want in zip(jax.tree.leaves(p_state), jax.tree.leaves(state)):
     np.testing.assert_allclose(got, np.broadcast_to(want, got.shape), rtol=1e-4, atol=1e-5)
   # Sanity: per-replica statistics alone would differ from the global ones.
-  _, local = jax.jit(train(single))(variables, x[:2])
-  assert not np.allclose(local["batch_stats"]["bn_init"]["mean"],
-                         state["batch_stats"]["bn_init"]["mean"], atol=1e-5)
+  _, local = jax.jit(train(models.BatchNorm()))(variables, x[:2])
+  assert not np.allclose(local["bn_init"]["mean"], state["bn_init"]["mean"], atol=1e-5)
+
+
+def test_transformer_is_causal():
+  """Changing token t changes no logit before position t."""
+  model = create_model("transformer_tiny", num_classes=256, max_length=16)
+  tokens = jnp.arange(16, dtype=jnp.int32)[None] % 256
+  variables = model.init(jax.random.key(0), tokens)
+  logits = model.apply(variables, tokens)
+  changed = model.apply(variables, tokens.at[0, 9].set(200))
+  assert logits.shape == (1, 16, 256)
+  np.testing.assert_allclose(changed[0, :9], logits[0, :9], rtol=1e-6, atol=1e-6)
+  assert not np.allclose(changed[0, 9:], logits[0, 9:], atol=1e-4)

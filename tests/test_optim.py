@@ -256,6 +256,52 @@ def test_lars_requires_params(params):
     tx.update(params, tx.init(params))
 
 
+@pytest.mark.parametrize("factory, kwargs", [
+    (optim.lars, dict(momentum=0.9, nesterov=True, weight_decay=1e-4)),
+    (optim.lamb, dict(weight_decay=0.01)),
+])
+def test_inject_hyperparams_keeps_the_masks_and_equals_the_plain_optimizer(params, factory,
+                                                                           kwargs):
+  plain = factory(5.0, **kwargs)
+  injected = optax.inject_hyperparams(factory)(learning_rate=5.0, **kwargs)
+  assert "mask" not in injected.init(params).hyperparams  # static, not a "schedule"
+
+  @jax.jit
+  def three_steps(params):
+    out = []
+    for tx in (plain, injected):
+      p, state = params, tx.init(params)
+      for seed in range(3):
+        updates, state = tx.update(grads_like(params, seed), state, p)
+        p = optax.apply_updates(p, updates)
+      out.append(p)
+    return out
+
+  a, b = three_steps(params)
+  jax.tree.map(np.testing.assert_array_equal, a, b)  # bit for bit
+  # The comparison can fail: without the masks, BatchNorm parameters get the trust ratio.
+  unmasked = factory(5.0, **kwargs, mask=None)
+  updates, _ = unmasked.update(grads_like(params, 0), unmasked.init(params), params)
+  masked, _ = plain.update(grads_like(params, 0), plain.init(params), params)
+  assert not np.allclose(leaf(updates, ("BatchNorm_0", "scale")),
+                         leaf(masked, ("BatchNorm_0", "scale")))
+
+
+def test_multisteps_composes_with_lars(params):
+  """optax.MultiSteps over 2 micro-steps: one LARS step on the mean gradient."""
+  accumulated = optax.MultiSteps(optim.lars(LR, weight_decay=1e-4), every_k_schedule=2)
+  state = accumulated.init(params)
+  g1, g2 = grads_like(params, 1), grads_like(params, 2)
+  first, state = accumulated.update(g1, state, params)
+  assert all(float(jnp.abs(x).max()) == 0 for x in jax.tree.leaves(first))  # not yet
+  second, _ = accumulated.update(g2, state, params)
+  direct = optim.lars(LR, weight_decay=1e-4)
+  expected, _ = direct.update(jax.tree.map(lambda a, b: (a + b) / 2, g1, g2),
+                              direct.init(params), params)
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-8), second,
+               expected)
+
+
 # ------------------------------------------------------------------------- schedules
 
 

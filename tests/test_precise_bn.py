@@ -5,36 +5,27 @@ The few-steps-per-epoch setting: a 2,048-image subset of Fashion-MNIST at global
 the weights fit the training data, but running averages of momentum 0.99 still hold 85% of
 their initial values, and eval with them is at chance.
 """
-import functools
 import json
 import os
 import shutil
 
 import jax
 import numpy as np
-import optax
 import pytest
 
-from jaxscale import checkpoint, config as config_lib, mesh as mesh_lib, models, step as step_lib
-from jaxscale import train
+from jaxscale import build, checkpoint, config as config_lib, precise_bn, train
 from jaxscale.data import fashion_mnist
+from conftest import MEAN, STD, tiny_pieces
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICKSTART = os.path.join(ROOT, "configs", "quickstart.py")
-MEAN, STD = (72.9,), (90.0,)
 
 
 # batch_stats_step: the BN statistics of one global batch, the same on every runner.
 
 def make_runner(parallelism, devices, grad_accum_steps=1):
-  mesh = mesh_lib.create_mesh("data", devices)
-  model = models.create_model("resnet8", num_classes=10, stem="small", bn_axis_name="data")
-  make_optimizer = lambda lr: optax.sgd(lr)
-  spec = step_lib.StepSpec(model=model, make_optimizer=make_optimizer, axes=("data",),
-                           mean=MEAN, std=STD, grad_accum_steps=grad_accum_steps)
-  create = functools.partial(step_lib.create_train_state, model, make_optimizer,
-                             image_shape=(8, 8, 1))
-  return step_lib.RUNNERS[parallelism](spec, mesh, create)
+  return tiny_pieces(devices, f"parallelism={parallelism}",
+                     f"grad_accum_steps={grad_accum_steps}").runner
 
 
 def make_batch(seed):
@@ -104,7 +95,7 @@ def test_batch_stats_are_the_batch_mean_and_variance(one_device):
 def test_precise_batch_stats_average_the_batches_and_keep_the_weights(eight_devices):
   runner, state = eight_devices
   batches = [make_batch(0), make_batch(1)]
-  new = runner.global_state(step_lib.precise_batch_stats(runner, state, batches))
+  new = runner.global_state(precise_bn.precise_batch_stats(runner, state, batches))
   per_batch = [jax.device_get(runner.batch_stats_step(state, runner.put_batch(b)))
                for b in batches]
   assert_trees_close(jax.device_get(new.batch_stats),
@@ -177,13 +168,13 @@ def test_momentum_rule_bounds_the_time_constant():
   """min(bn_momentum, 1 - 1 / (bn_momentum_epochs * steps_per_epoch)), at least 0."""
   config = config_lib.defaults()
   config.update({"bn_momentum": 0.99, "bn_momentum_epochs": 0.25})
-  assert train.bn_momentum_for(config, steps_per_epoch=16) == 0.75  # 4 steps
+  assert build.bn_momentum_for(config, steps_per_epoch=16) == 0.75  # 4 steps
   config.bn_momentum_epochs = 0.01  # less than a step: the last batch's statistics alone
-  assert train.bn_momentum_for(config, steps_per_epoch=16) == 0.0
+  assert build.bn_momentum_for(config, steps_per_epoch=16) == 0.0
   config.bn_momentum_epochs = 100.0  # never above bn_momentum
-  assert train.bn_momentum_for(config, steps_per_epoch=16) == 0.99
+  assert build.bn_momentum_for(config, steps_per_epoch=16) == 0.99
   config.bn_momentum_epochs = 0.0  # off
-  assert train.bn_momentum_for(config, steps_per_epoch=1) == 0.99
+  assert build.bn_momentum_for(config, steps_per_epoch=1) == 0.99
 
 
 def test_final_checkpoint_holds_the_statistics_eval_used(runs):

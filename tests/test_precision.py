@@ -3,6 +3,7 @@
 Time budget: 90 s on a 2-core CPU (resnet8 on 8x8 images; each compiled step is shared by the
 tests that need it).
 """
+import dataclasses
 import functools
 import json
 import os
@@ -16,14 +17,12 @@ import numpy as np
 import optax
 import pytest
 
-from jaxscale import allreduce, config as config_lib, mesh as mesh_lib, models, precision
-from jaxscale import step as step_lib, train
-from conftest import run_main
+from jaxscale import allreduce, config as config_lib, models, precision, runners, tasks, train
+from conftest import MEAN, STD, run_main, tiny_pieces
 
 QUICKSTART = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                           "configs", "quickstart.py")
 F32, BF16, F16 = (jnp.dtype(n) for n in ("float32", "bfloat16", "float16"))
-MEAN, STD = (72.9,), (90.0,)
 GLOBAL_BATCH = 16
 # Grows every step from 2**8, so two steps end at 2**10 if neither overflows.
 TEST_SCALE = precision.LossScaleConfig(initial=2.0**8, growth_interval_steps=1)
@@ -38,35 +37,29 @@ def make_batches(num_steps, seed=0):
           for _ in range(num_steps)]
 
 
-def make_optimizer(learning_rate):
-  return optax.sgd(learning_rate, momentum=0.9, nesterov=True)
-
-
 @functools.cache
 def initial_state():
   """One float32 initial state for every runner: the policies differ in compute, not in their
   float32 master parameters, and compiling the initialization once saves seconds per runner."""
-  model = models.create_model("resnet8", num_classes=10, stem="small")
-  create = lambda rng: step_lib.create_train_state(model, make_optimizer, rng, (8, 8, 1))
-  return jax.device_get(jax.jit(create)(jax.random.key(0)))
+  return jax.device_get(tiny_pieces(jax.devices()[:1]).init_state())
 
 
 def make_runner(parallelism, policy_name, *, allreduce="float32", loss_scale=TEST_SCALE,
-                bn_axis_name="data", sync_batch_stats=False, mean=MEAN, std=STD):
+                local_bn=False, mean=MEAN, std=STD):
+  """(Linen module, runner) of resnet8 on 8 devices in `policy_name`, SGD-Nesterov without
+  decay; `local_bn`: per-device BatchNorm statistics, running averages synchronized."""
+  pieces = tiny_pieces(jax.devices(), f"parallelism={parallelism}", f"precision={policy_name}",
+                       f"grad_allreduce_dtype={allreduce}", "optimizer.weight_decay=0.0",
+                       f"mean=[{mean[0]}]", f"std=[{std[0]}]")
   policy = precision.parse_policy(policy_name)
-  mesh = mesh_lib.create_mesh("data", jax.devices())
-  model = models.create_model("resnet8", num_classes=10, stem="small", bn_axis_name=bn_axis_name,
-                              dtype=policy.compute_dtype, param_dtype=policy.param_dtype)
   scaler = loss_scale if policy.needs_loss_scale else precision.NO_LOSS_SCALE
-  spec = step_lib.StepSpec(model=model, make_optimizer=make_optimizer, axes=("data",),
-                           mean=mean, std=std, compute_dtype=policy.compute_dtype,
-                           output_dtype=policy.output_dtype,
-                           grad_allreduce_dtype=jnp.dtype(allreduce), loss_scale=scaler,
-                           sync_batch_stats=sync_batch_stats)
+  changes = dict(loss_scale=scaler)
+  if local_bn:
+    changes.update(batch_norm=models.BatchNorm(None), sync_batch_stats=True)
   assert policy.param_dtype == F32
   state = initial_state().replace(loss_scale=precision.init_loss_scale(scaler))
-  runner = step_lib.RUNNERS[parallelism](spec, mesh, lambda rng: state)
-  return model, runner
+  spec = dataclasses.replace(pieces.spec, **changes)
+  return pieces.model.module, runners.RUNNERS[parallelism](spec, pieces.mesh, lambda rng: state)
 
 
 def device_copies(tree):
@@ -273,7 +266,7 @@ def test_dtypes_where_they_belong(policy_name):
   assert {x.dtype for x in jax.tree.leaves(state.opt_state)} == {policy.param_dtype}
   assert {x.dtype for x in jax.tree.leaves(state.batch_stats)} == {F32}
   assert metrics["loss"].dtype == F32 and state.loss_scale.scale.dtype == F32
-  images = step_lib.normalize(make_batches(1)[0]["image"], MEAN, STD, policy.compute_dtype)
+  images = tasks.normalize(make_batches(1)[0]["image"], MEAN, STD, policy.compute_dtype)
   logits, inter = jax.eval_shape(  # dtypes only: traced, not compiled
       lambda v, x: model.apply(v, x, train=False, capture_intermediates=True),
       {"params": state.params, "batch_stats": state.batch_stats}, images)
@@ -330,8 +323,7 @@ def test_overflow_on_one_device_skips_the_step_everywhere(parallelism):
   """float16 inputs overflow on device 0 only (per-device BatchNorm keeps the others finite);
   the all-reduce spreads it, and every device skips the step and backs the scale off."""
   mean, std = (0.0,), (2e-3,)
-  model, runner = make_runner(parallelism, "fp16", bn_axis_name=None, sync_batch_stats=True,
-                              mean=mean, std=std)
+  model, runner = make_runner(parallelism, "fp16", local_bn=True, mean=mean, std=std)
   state = runner.init_state(jax.random.key(0))
   good, bad = make_batches(2)
   good["image"] %= 4  # at most 3 / 2e-3 = 1500 in float16
@@ -339,9 +331,9 @@ def test_overflow_on_one_device_skips_the_step_everywhere(parallelism):
   bad["image"][:GLOBAL_BATCH // 8] = 255  # device 0's examples: 127500 -> inf in float16
   if parallelism == "pmap":  # the premise: alone, only device 0's loss is non-finite
     variables = jax.device_get(runner.global_state(state))
-    local_loss = jax.jit(lambda images, labels: step_lib.cross_entropy(model.apply(
+    local_loss = jax.jit(lambda images, labels: tasks.cross_entropy(model.apply(
         {"params": variables.params, "batch_stats": variables.batch_stats},
-        step_lib.normalize(images, mean, std, F16), train=True, mutable=["batch_stats"])[0],
+        tasks.normalize(images, mean, std, F16), train=True, mutable=["batch_stats"])[0],
         labels).mean())
     finite = [bool(np.isfinite(local_loss(x, y))) for x, y in zip(
         np.split(bad["image"], 8), np.split(bad["label"], 8))]

@@ -30,9 +30,32 @@ def read(source: Sequence[dict], indices: list[int]) -> list[dict]:
   return list(getitems(indices)) if getitems else [source[i] for i in indices]
 
 
-def _collate(images: list[np.ndarray], records: list[dict]) -> dict[str, np.ndarray]:
-  return {"image": np.stack(images),
-          "label": np.asarray([r["label"] for r in records], np.int32)}
+_HOST_TO_DEVICE = {np.dtype(np.int64): np.int32, np.dtype(np.uint64): np.uint32,
+                   np.dtype(np.float64): np.float32}  # JAX computes in 32 bits by default
+
+
+def prepare(record: dict, transform: Callable | None, rng: np.random.Generator | None
+            ) -> dict[str, np.ndarray]:
+  """One record as the step sees it: the image through `transform`, every other numeric field
+  as an array; non-numeric fields (file names, ids as strings) stay on the host."""
+  example = {}
+  for key, value in record.items():
+    if key == "image" and transform is not None:
+      example[key] = transform(value, rng)
+    else:
+      value = np.asarray(value)
+      if value.dtype.kind in "biuf":
+        example[key] = value
+  return example
+
+
+def collate(examples: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+  """Stacks the examples' fields into a batch (64-bit numbers become 32-bit)."""
+  batch = {}
+  for key in examples[0]:
+    array = np.stack([e[key] for e in examples])
+    batch[key] = array.astype(_HOST_TO_DEVICE.get(array.dtype, array.dtype), copy=False)
+  return batch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,7 +63,7 @@ class _StepBatches:
   """Element k: this process's batch of the k-th step of `global_batch_size` after `start`."""
   source: Sequence[dict]
   order: grain.MapDataset  # stream position -> source index
-  transform: Callable
+  transform: Callable | None  # of the "image" field
   seed: int
   start: int
   global_batch_size: int
@@ -55,16 +78,15 @@ class _StepBatches:
     first = self.start + step * self.global_batch_size + self.process_index * local
     positions = range(first, first + local)
     records = read(self.source, [self.order[p] for p in positions])
-    images = [self.transform(r["image"], np.random.default_rng((self.seed, p)))
-              for r, p in zip(records, positions)]
-    return _collate(images, records)
+    return collate([prepare(r, self.transform, np.random.default_rng((self.seed, p)))
+                    for r, p in zip(records, positions)])
 
 
 @dataclasses.dataclass(frozen=True)
 class _EvalBatches:
   """Element k: this process's slice of eval batch k, padded past the end, with a mask."""
   source: Sequence[dict]
-  transform: Callable
+  transform: Callable | None  # of the "image" field
   global_batch_size: int
   process_index: int
   process_count: int
@@ -77,7 +99,7 @@ class _EvalBatches:
     positions = k * self.global_batch_size + self.process_index * local + np.arange(local)
     mask = positions < len(self.source)
     records = read(self.source, np.where(mask, positions, 0).tolist())
-    batch = _collate([self.transform(r["image"]) for r in records], records)
+    batch = collate([prepare(r, self.transform, None) for r in records])
     batch["mask"] = mask.astype(np.float32)
     return batch
 
@@ -99,7 +121,7 @@ class TrainLoader:
   """Deterministic, checkpointable global-batch iterator over the training stream."""
 
   def __init__(self, source: Sequence[dict], *, seed: int,
-               transform: Callable = TrainTransform(random_flip=False), workers: int = 0,
+               transform: Callable | None = TrainTransform(random_flip=False), workers: int = 0,
                prefetch: int = 2, process_index: int | None = None,
                process_count: int | None = None):
     self.num_examples = len(source)
@@ -138,7 +160,7 @@ class TrainLoader:
 
 
 def eval_batches(source: Sequence[dict], global_batch_size: int, *,
-                 transform: Callable = EvalTransform(), workers: int = 0, prefetch: int = 2,
+                 transform: Callable | None = EvalTransform(), workers: int = 0, prefetch: int = 2,
                  process_index: int | None = None,
                  process_count: int | None = None) -> Iterator[dict[str, np.ndarray]]:
   """Every example of `source` exactly once, in order, in padded global batches.

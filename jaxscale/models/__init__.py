@@ -1,28 +1,34 @@
-"""Model zoo: a plain dict of constructors and `create_model`.
+"""Models: jaxscale's zoo (a plain dict of constructors) and models named by import path.
 
-All models are called alike:
+`config.model` is a zoo name (`resnet50`, `vit_s16`, `transformer_small`, ...) or an import path
+`package.module:Name` naming a Linen module class, a function returning a module, or an
+`nnx.Module` class; `models/contract.py` says how jaxscale calls any of them. Zoo models are
+called alike:
   variables = model.init(rng, x, train=False)
   logits, new_state = model.apply(variables, x, train=True, mutable=["batch_stats"])
-  logits = model.apply(variables, x, train=False)
-with `x` float NHWC and float32 logits `[batch, num_classes]`.
+with `x` float NHWC images (token ids for the Transformer) and float32 logits.
 """
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
-import jax.numpy as jnp
 
+from jaxscale.errors import ConfigError
+from jaxscale.imports import import_object
+from jaxscale.models.contract import BatchNorm, Model, check, wrap
 from jaxscale.models.resnet import RESNETS, BasicBlock, BottleneckBlock, ResNet
+from jaxscale.models.transformer import TRANSFORMERS, Transformer
 from jaxscale.models.vit import VITS, ViT
 
-__all__ = ["MODELS", "auto_stem", "create_model", "ResNet", "BasicBlock", "BottleneckBlock", "ViT"]
+__all__ = ["MODELS", "STEMS", "BatchNorm", "Model", "auto_stem", "build", "check",
+           "create_model", "resolve", "ResNet", "BasicBlock", "BottleneckBlock", "Transformer",
+           "ViT", "wrap"]
 
-MODELS: dict[str, Callable[..., nn.Module]] = {**RESNETS, **VITS}
+MODELS: dict[str, Callable[..., nn.Module]] = {**RESNETS, **VITS, **TRANSFORMERS}
 
-STEMS = ("imagenet", "small")
+STEMS = ("auto", "imagenet", "small")  # config key `stem`; "auto" picks by image size
 
 
 def auto_stem(image_shape: tuple[int, ...]) -> str:
@@ -31,40 +37,38 @@ def auto_stem(image_shape: tuple[int, ...]) -> str:
   return "small" if max(image_shape[:2]) <= 64 else "imagenet"
 
 
-def create_model(name: str, *, num_classes: int, stem: str = "imagenet",
-                 dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
-                 bn_momentum: float = 0.9, bn_axis_name: str | tuple[str, ...] | None = None,
-                 bn_axis_index_groups: Any = None,
-                 zero_init_last_bn: bool = False) -> nn.Module:
-  """Builds model `name` from `MODELS`.
+def resolve(name: str) -> Any:
+  """The zoo constructor `name`, or the object its import path names."""
+  if name in MODELS:
+    return MODELS[name]
+  if ":" in name:
+    return import_object(name, "model")
+  raise ConfigError(f"config key 'model': unknown model {name!r}; known: "
+                    f"{', '.join(sorted(MODELS))}, or an import path 'package.module:Name'")
 
-  Args:
-    name: a key of `MODELS`, e.g. "resnet50", "resnet8", "vit_s16".
-    num_classes: size of the classifier output.
-    stem: "imagenet" (7x7/2 conv + max pool) or "small" (3x3/1 conv, no pool)
-      for the ImageNet ResNets; the CIFAR ResNets always use "small".
-    dtype: compute dtype (convs, dense layers, activations).
-    param_dtype: dtype of the parameters; batch_stats stay float32.
-    bn_momentum, bn_axis_name, bn_axis_index_groups: BatchNorm options;
-      `bn_axis_name` gives cross-replica batch statistics.
-    zero_init_last_bn: zero-init the last BN scale of each residual block.
 
-  Options a family has no use for (BN options for ViT, `stem` for ViT and the
-  CIFAR ResNets) are ignored.
+def build(model: Any, options: dict[str, Any], name: str | None = None) -> Model:
+  """A `Model` from a zoo name, an import path, or a Linen / NNX object; `options` are passed
+  where the model accepts them (see `contract.wrap`)."""
+  if isinstance(model, str):
+    name, model = model, resolve(model)
+  return wrap(model, name or getattr(model, "__name__", type(model).__name__), options)
+
+
+def create_model(name: str, *, num_classes: int, **options: Any) -> nn.Module:
+  """The Linen module of zoo model `name`, built with the options its family accepts.
+
+  Options: `stem` ("imagenet" or "small", ImageNet ResNets), `dtype`, `param_dtype`,
+  `bn_momentum`, `zero_init_last_bn`; an option a family has no use for is ignored.
 
   Raises:
-    ValueError: unknown `name` or `stem`.
+    ConfigError: unknown `name` or `stem`.
   """
   if name not in MODELS:
-    raise ValueError(f"unknown model {name!r}; known: {', '.join(sorted(MODELS))}")
-  if stem not in STEMS:
-    raise ValueError(f"unknown stem {stem!r}; known: {', '.join(STEMS)}")
-  ctor = MODELS[name]
-  options = dict(num_classes=num_classes, stem=stem, dtype=dtype, param_dtype=param_dtype,
-                 bn_momentum=bn_momentum, bn_axis_name=bn_axis_name,
-                 bn_axis_index_groups=bn_axis_index_groups,
-                 zero_init_last_bn=zero_init_last_bn)
-  # Pass only what the module has fields for; what the zoo entry fixes wins
-  # (e.g. the CIFAR ResNets' small stem).
-  fields = {f.name for f in dataclasses.fields(ctor.func)}
-  return ctor(**{k: v for k, v in options.items() if k in fields and k not in ctor.keywords})
+    raise ConfigError(f"config key 'model': unknown model {name!r}; known: "
+                      f"{', '.join(sorted(MODELS))}")
+  if options.get("stem", "imagenet") not in STEMS[1:]:
+    raise ConfigError(f"config key 'stem': unknown stem {options['stem']!r}; known: "
+                      f"{', '.join(STEMS)}")
+  options = {"num_classes": num_classes, "vocab_size": num_classes, **options}
+  return wrap(MODELS[name], name, options).module

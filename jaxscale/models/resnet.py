@@ -83,8 +83,8 @@ class ResNet(nn.Module):
       no pool, for 28x28 / 32x32 images).
     dtype: compute dtype of convs, dense layers and activations.
     param_dtype: dtype of the parameters.
-    bn_momentum, bn_axis_name, bn_axis_index_groups: passed to `nn.BatchNorm`;
-      `bn_axis_name` averages batch statistics across replicas.
+    bn_momentum: the momentum of every `nn.BatchNorm` (jaxscale makes their batch
+      statistics cross-replica when it trains the model: `models/contract.py`).
     zero_init_last_bn: init the last BN scale of each block to zero.
   """
   stage_sizes: Sequence[int]
@@ -95,8 +95,6 @@ class ResNet(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   bn_momentum: float = 0.9
-  bn_axis_name: str | tuple[str, ...] | None = None
-  bn_axis_index_groups: Any = None
   zero_init_last_bn: bool = False
 
   @nn.compact
@@ -107,8 +105,7 @@ class ResNet(nn.Module):
     # batch_stats float32 (force_float32_reductions).
     norm = functools.partial(nn.BatchNorm, use_running_average=not train,
                              momentum=self.bn_momentum, epsilon=1e-5, dtype=self.dtype,
-                             param_dtype=self.param_dtype, axis_name=self.bn_axis_name,
-                             axis_index_groups=self.bn_axis_index_groups)
+                             param_dtype=self.param_dtype)
 
     if self.stem == "imagenet":
       x = conv(self.num_filters, (7, 7), (2, 2), name="conv_init")(x)

@@ -20,21 +20,29 @@ dense_init = nn.initializers.xavier_uniform()
 
 
 class Attention(nn.Module):
-  """Multi-head self-attention with the softmax in float32 for stability."""
+  """Multi-head self-attention with the softmax in float32 for stability; `causal` lets each
+  position attend only to itself and earlier ones (a decoder). Without `use_bias` the
+  projections have no biases (the key's bias has no effect on the output, so its gradient is
+  zero but for rounding, which Adam-like optimizers would amplify into steps)."""
   num_heads: int
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  causal: bool = False
+  use_bias: bool = True
 
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
     width = x.shape[-1]
     head_dim = width // self.num_heads
     dense = functools.partial(nn.DenseGeneral, kernel_init=dense_init, dtype=self.dtype,
-                              param_dtype=self.param_dtype)
+                              param_dtype=self.param_dtype, use_bias=self.use_bias)
     qkv = dense((3, self.num_heads, head_dim), name="qkv")(x)  # [b, n, 3, h, d]
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     logits = jnp.einsum("bqhd,bkhd->bhqk", q * head_dim**-0.5, k,
                         preferred_element_type=jnp.float32)
+    if self.causal:
+      n = x.shape[1]
+      logits = jnp.where(jnp.tril(jnp.ones((n, n), bool)), logits, jnp.finfo(jnp.float32).min)
     weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
     y = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
     return dense(width, axis=(-2, -1), name="out")(y)
@@ -46,14 +54,17 @@ class EncoderBlock(nn.Module):
   mlp_dim: int
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  causal: bool = False
+  use_bias: bool = True
 
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
     # LayerNorm computed (and returned) in float32; the next dense casts to `dtype`.
     norm = functools.partial(nn.LayerNorm, dtype=jnp.float32, param_dtype=self.param_dtype)
     dense = functools.partial(nn.Dense, kernel_init=dense_init, dtype=self.dtype,
-                              param_dtype=self.param_dtype)
-    x = x + Attention(self.num_heads, self.dtype, self.param_dtype)(norm()(x))
+                              param_dtype=self.param_dtype, use_bias=self.use_bias)
+    x = x + Attention(self.num_heads, self.dtype, self.param_dtype, self.causal,
+                      self.use_bias)(norm()(x))
     y = dense(self.mlp_dim)(norm()(x))
     y = dense(x.shape[-1])(nn.gelu(y))
     return x + y

@@ -16,7 +16,7 @@ from jaxscale.optim.build import (
     default_optimizer_config,
     default_schedule_config,
 )
-from jaxscale.optim.lars_lamb import lamb, lars, scale_by_lars_trust_ratio
+from jaxscale.optim.lars_lamb import lamb, lars, scale_by_lars_trust_ratio, scale_by_trust_ratio
 from jaxscale.optim.masks import (
     MaskOrFn,
     default_decay_mask,
@@ -54,6 +54,7 @@ __all__ = [
     "mask_from_predicate",
     "path_str",
     "scale_by_lars_trust_ratio",
+    "scale_by_trust_ratio",
     "scale_learning_rate",
     "warmup_constant",
     "warmup_cosine",

@@ -86,6 +86,7 @@ def _sgd(learning_rate: optax.ScalarOrSchedule, *, momentum: float, nesterov: bo
 def build_optimizer(opt: ml_collections.ConfigDict,
                     learning_rate: optax.ScalarOrSchedule, *,
                     mask: masks.MaskOrFn = masks.default_decay_mask,
+                    axis_name: lars_lamb.AxisName = None,
                     ) -> optax.GradientTransformation:
   """The optimizer named by `opt.name`, with `learning_rate` (a float or schedule).
 
@@ -100,6 +101,8 @@ def build_optimizer(opt: ml_collections.ConfigDict,
     learning_rate: A float or an optax schedule.
     mask: Leaves that get weight decay (and the trust ratio); see
       `jaxscale.optim.masks`. Default: kernels, not biases or norm parameters.
+    axis_name: Mesh axes over which every leaf is sliced (the sharded weight update): LARS
+      and LAMB sum their layer norms over them; the others are elementwise.
 
   Raises:
     ValueError: one line naming the offending `optimizer.*` key.
@@ -126,10 +129,11 @@ def build_optimizer(opt: ml_collections.ConfigDict,
              opt.trust_coefficient)
     return lars_lamb.lars(learning_rate, momentum=opt.momentum, nesterov=opt.nesterov,
                           weight_decay=opt.weight_decay,
-                          trust_coefficient=opt.trust_coefficient, eps=eps, mask=mask)
+                          trust_coefficient=opt.trust_coefficient, eps=eps, mask=mask,
+                          axis_name=axis_name)
   if name == "lamb":
     return lars_lamb.lamb(learning_rate, b1=opt.b1, b2=opt.b2, eps=eps,
-                          weight_decay=opt.weight_decay, mask=mask)
+                          weight_decay=opt.weight_decay, mask=mask, axis_name=axis_name)
   return optax.adamw(learning_rate, b1=opt.b1, b2=opt.b2, eps=eps,
                      weight_decay=opt.weight_decay, mask=mask)
 

@@ -29,12 +29,14 @@ import numpy as np
 import optax
 
 __all__ = [
+    "DEFAULT",
     "MaskOrFn",
     "default_decay_mask",
     "default_decay_predicate",
     "mask_from_patterns",
     "mask_from_predicate",
     "path_str",
+    "resolve",
 ]
 
 MaskOrFn = Any | Callable[[optax.Params], Any] | None
@@ -123,3 +125,20 @@ def default_decay_mask(params: optax.Params) -> Any:
     for biases, normalization `scale`/`bias` and every other leaf with ndim < 2.
   """
   return mask_from_predicate(default_decay_predicate)(params)
+
+
+class _Default:
+  """The `mask` default of `lars` and `lamb`: `default_decay_mask`. A plain object, not a
+  function, so that `optax.inject_hyperparams` keeps it as a static argument instead of taking
+  a callable for a schedule of the step count."""
+
+  def __repr__(self) -> str:
+    return "masks.DEFAULT"
+
+
+DEFAULT = _Default()
+
+
+def resolve(mask: MaskOrFn) -> MaskOrFn:
+  """`default_decay_mask` for `DEFAULT`, any other mask as it is."""
+  return default_decay_mask if mask is DEFAULT else mask

@@ -1,8 +1,10 @@
 """Learning-rate schedules with linear warmup, and batch-size scaling rules.
 
-Every schedule is an optax schedule: a function `step -> learning rate` built
-from `jax.numpy` operations, so it works on Python ints and on traced step
-counters under `jax.jit`, and returns float32. Step 0 is the first update.
+Every schedule is an optax schedule: a function `step -> learning rate` that
+works on traced step counters under `jax.jit` (with `jax.numpy`) and on Python
+or NumPy numbers (with NumPy, on the host: the trainer evaluates its schedule
+there every step without waiting for a device), and returns float32. Step 0 is
+the first update.
 
 Warmup is the gradual warmup of Goyal et al. 2017 (arXiv 1706.02677, sec. 2.2):
 the rate goes linearly from `init_value` at step 0 to `peak_value` at step
@@ -18,6 +20,7 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 __all__ = [
@@ -39,35 +42,41 @@ def _check_steps(**steps: int) -> None:
       raise ValueError(f"{name} must be >= 0, got {value}")
 
 
+def _numpy_for(step):
+  """NumPy for host numbers, jax.numpy for JAX arrays and tracers."""
+  return np if isinstance(step, (int, float, np.ndarray, np.number)) else jnp
+
+
 def _with_warmup(decayed, init_value: float, peak_value: float, warmup_steps: int):
-  """Wraps `decayed(t)` (t: float32 step) with a linear warmup over `warmup_steps`."""
+  """Wraps `decayed(t, xp)` (t: float32 step, xp: np or jnp) with a linear warmup."""
 
   def schedule(step: jax.typing.ArrayLike) -> jax.Array:
-    t = jnp.asarray(step, jnp.float32)
+    xp = _numpy_for(step)
+    t = xp.asarray(step, xp.float32)
     ramp = init_value + (peak_value - init_value) * t / max(warmup_steps, 1)
-    return jnp.where(t < warmup_steps, ramp, decayed(t)).astype(jnp.float32)
+    return xp.where(t < warmup_steps, ramp, decayed(t, xp)).astype(xp.float32)
 
   return schedule
 
 
-def _decay_fraction(t: jax.Array, warmup_steps: int, total_steps: int) -> jax.Array:
+def _decay_fraction(t, warmup_steps: int, total_steps: int, xp):
   """0 at the end of warmup, 1 at `total_steps` and after."""
   decay_steps = total_steps - warmup_steps
   if decay_steps <= 0:
-    return jnp.ones_like(t)
-  return jnp.clip((t - warmup_steps) / decay_steps, 0.0, 1.0)
+    return xp.ones_like(t)
+  return xp.clip((t - warmup_steps) / decay_steps, 0.0, 1.0)
 
 
 def constant(value: float) -> optax.Schedule:
   """`lr(t) = value`."""
-  return lambda step: jnp.full(jnp.shape(step), value, jnp.float32)
+  return lambda step: _numpy_for(step).full(np.shape(step), value, np.float32)
 
 
 def warmup_constant(peak_value: float, warmup_steps: int, *,
                     init_value: float = 0.0) -> optax.Schedule:
   """Linear warmup from `init_value` to `peak_value`, then constant `peak_value`."""
   _check_steps(warmup_steps=warmup_steps)
-  return _with_warmup(lambda t: jnp.full_like(t, peak_value), init_value, peak_value,
+  return _with_warmup(lambda t, xp: xp.full_like(t, peak_value), init_value, peak_value,
                       warmup_steps)
 
 
@@ -99,8 +108,8 @@ def warmup_polynomial(peak_value: float, warmup_steps: int, total_steps: int, *,
   """
   _check_steps(warmup_steps=warmup_steps, total_steps=total_steps)
 
-  def decayed(t):
-    f = _decay_fraction(t, warmup_steps, total_steps)
+  def decayed(t, xp):
+    f = _decay_fraction(t, warmup_steps, total_steps, xp)
     return end_value + (peak_value - end_value) * (1.0 - f) ** power
 
   return _with_warmup(decayed, init_value, peak_value, warmup_steps)
@@ -126,9 +135,9 @@ def warmup_cosine(peak_value: float, warmup_steps: int, total_steps: int, *,
   """
   _check_steps(warmup_steps=warmup_steps, total_steps=total_steps)
 
-  def decayed(t):
-    f = _decay_fraction(t, warmup_steps, total_steps)
-    return end_value + (peak_value - end_value) * 0.5 * (1.0 + jnp.cos(math.pi * f))
+  def decayed(t, xp):
+    f = _decay_fraction(t, warmup_steps, total_steps, xp)
+    return end_value + (peak_value - end_value) * 0.5 * (1.0 + xp.cos(math.pi * f))
 
   return _with_warmup(decayed, init_value, peak_value, warmup_steps)
 
@@ -157,11 +166,11 @@ def warmup_piecewise(peak_value: float, warmup_steps: int,
   """
   _check_steps(warmup_steps=warmup_steps,
                **{f"boundaries_steps[{i}]": b for i, b in enumerate(boundaries_steps)})
-  bounds = jnp.asarray(list(boundaries_steps), jnp.float32)
+  bounds = np.asarray(list(boundaries_steps), np.float32)
 
-  def decayed(t):
-    count = jnp.sum(t[..., None] >= bounds, axis=-1)
-    return peak_value * jnp.power(jnp.float32(factor), count)
+  def decayed(t, xp):
+    count = xp.sum(t[..., None] >= bounds, axis=-1)
+    return peak_value * xp.power(xp.float32(factor), count)
 
   return _with_warmup(decayed, init_value, peak_value, warmup_steps)
 
