@@ -1,9 +1,18 @@
-"""Test set-up: 8 CPU devices, fixed before JAX starts its backend."""
+"""Test set-up: 8 CPU devices, fixed before JAX starts its backend, and one compilation cache.
+
+Most of the suite's time is XLA compiling the same small steps again: a persistent compilation
+cache for the session (this process and the trainer processes the tests start) compiles each
+program once.
+"""
 import os
+import tempfile
 
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="jaxscale_tests_xla_"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import jax  # noqa: E402
 
