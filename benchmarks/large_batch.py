@@ -148,7 +148,7 @@ def time_to_accuracy(results: list[dict], baseline: dict) -> list[str]:
     cells = []
     for below in (1, 2):
       hit = first_reaching(r, baseline["accuracy"] - below / 100)
-      cells.append("not reached" if hit is None else f"{hit['epoch']:g} ({hit['step']:,})")
+      cells.append("not reached" if hit is None else f"{hit['epoch']:.1f} ({hit['step']:,})")
     hit = first_reaching(r, baseline["accuracy"] - 0.02)
     seconds = "-" if hit is None else f"{hit['wall_time'] - hit['eval_time']:,.0f} s"
     lines.append(f"| {r['method']} {r['global_batch_size']:,} (x{r['lr_factor']:g}) | "
@@ -277,7 +277,7 @@ def report(results: list[dict], out_dir: str) -> str:
     ax.set_ylim(max(0.0, 100 * baseline["accuracy"] - 15) if baseline else 0, 100)
     ax.set_xlabel("epoch")
     ax.set_ylabel("test accuracy (%)")
-    ax.set_title(f"Fashion-MNIST, resnet8: eval during training ({epochs[-1]:g} epochs)")
+    ax.set_title(f"Fashion-MNIST, resnet8: eval during training ({epochs[-1]:.0f} epochs)")
     ax.legend()
     fig.tight_layout()
     fig.savefig(os.path.join(out_dir, "large_batch_curves.png"), dpi=120)
