@@ -12,7 +12,8 @@ the four variants alternate, in a rotating order, over many rounds, so that the 
 machine falls on all of them alike; the script prints each one's median time per step and its
 ratio to `none` (with the quartiles, to show the noise), and the same for each one's best
 period, the one least disturbed by other load; then each one's CPU time per step (all threads)
-and how long a save() call blocks the loop.
+and how long a save() call blocks the loop; last, what the checksums that every save writes
+(`jaxscale.integrity`) cost, against a save period and a sync save.
 Goal: async <= 1.05.
 
   python benchmarks/checkpoint.py                   # resnet18 small stem, 32x32x3, batch 8, K=5
@@ -35,7 +36,7 @@ import jax
 import numpy as np
 
 from common import random_pieces
-from jaxscale import checkpoint, mesh as mesh_lib, preemption
+from jaxscale import checkpoint, integrity, mesh as mesh_lib, preemption
 from jaxscale.config import defaults, to_json
 VARIANTS = ("none", "watch", "async", "sync")
 
@@ -104,6 +105,13 @@ def main() -> None:
       wall_s, cpu_s = period(variant)
       times[variant].append(wall_s)
       cpu[variant].append(cpu_s)
+  checksum_s = []  # what a save spends on its checksums: one pass on the devices, then fetched
+  for _ in range(args.rounds + 1):  # the first one compiles
+    jax.block_until_ready(state[0])
+    start = time.perf_counter()
+    jax.device_get(integrity.checksums(runner.global_state(state[0])))
+    checksum_s.append(time.perf_counter() - start)
+  checksum_s = statistics.median(checksum_s[1:])
   for c in ckpts.values():
     c.close()
   watch.close()
@@ -128,6 +136,9 @@ def main() -> None:
              if variant in save_calls else "")
     print(f"{variant:6s} CPU time of the process {statistics.median(cpu[variant]) * 1e3:7.1f} "
           f"ms/step (median){extra}")
+  print(f"checksums of the state (part of every save above): {checksum_s * 1e3:.1f} ms (median), "
+        f"{checksum_s / (median['none'] * args.every):.2%} of a save period of {args.every} steps, "
+        f"{checksum_s / statistics.median(save_calls['sync']):.1%} of a sync save() call")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@ A checkpoint holds two items:
          array over its replicas, which compiles a slicing program per array shape at a run's
          first save, seconds on CPU, and makes every save block longer.)
   meta   JSON: the step, the trainer's host-side state (data stream position, seed, global
-         batch size) and the resolved config, so that a checkpoint of another config is refused.
+         batch size), the resolved config, so that a checkpoint of another config is refused,
+         and a checksum of every array (`integrity`), checked at restore and by `read`.
 orbax writes a step into `<step>.orbax-checkpoint-tmp` and renames it on commit, so a step whose
 write did not complete is never listed, let alone restored. Restoring takes a target state that
 carries the shardings of the current mesh: a checkpoint written on one topology restores onto any.
@@ -28,7 +29,9 @@ from __future__ import annotations
 import concurrent.futures
 import copy
 import json
+import logging
 import os
+import re
 import sys
 from typing import Any
 
@@ -37,9 +40,11 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+from jax.experimental import multihost_utils
 
+from jaxscale import integrity
 from jaxscale.config import changed_keys
-from jaxscale.errors import JaxscaleError
+from jaxscale.errors import EXIT_IO, JaxscaleError
 from jaxscale.metrics import log
 
 # orbax's handlers for the leaf types a TrainState may hold; jax.Arrays written by one replica.
@@ -54,6 +59,19 @@ class CheckpointError(JaxscaleError, ValueError):
   """A checkpoint that cannot be restored into this run; the message names its path."""
 
 
+class CheckpointIOError(CheckpointError):
+  """A checkpoint that could not be written or read back intact (full disk, damaged bytes)."""
+  exit_status = EXIT_IO
+
+
+class DamagedCheckpoint(CheckpointIOError):
+  """A checkpoint whose arrays differ from the checksums written with it."""
+
+  def __init__(self, message: str, step: int):
+    super().__init__(message)
+    self.step = step
+
+
 class Checkpoints:
   """The checkpoints of one run: periodic and final saves, retention, restore of the latest.
 
@@ -61,7 +79,8 @@ class Checkpoints:
   """
 
   def __init__(self, directory: str, config_json: str, *, every_steps: int = 0, keep: int = 0,
-               keep_every_steps: int = 0, keep_best: bool = False, async_save: bool = True):
+               keep_every_steps: int = 0, keep_best: bool = False, async_save: bool = True,
+               skip_damaged: bool = False):
     """
     Args:
       directory: where the step directories go (created if missing).
@@ -74,10 +93,13 @@ class Checkpoints:
         `metrics`), besides the last ones.
       async_save: write in the background; `save` returns once a copy of the state is
         dispatched (single process) or copied off the devices (several processes).
+      skip_damaged: `restore_latest` sets a damaged checkpoint aside and tries the previous.
     """
     self.directory = os.path.abspath(directory)
+    self.skip_damaged = skip_damaged
     self.every_steps = every_steps
     self._config = json.loads(config_json)
+    _quiet_orbax_echoes()
     registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
     # No zstd: float32 weights barely compress (random-looking mantissas), and compressing
     # costs host CPU time that the step and the input pipeline need (docs/checkpoints.md).
@@ -104,6 +126,7 @@ class Checkpoints:
     self._thread = (concurrent.futures.ThreadPoolExecutor(1, "jaxscale-checkpoint")
                     if async_save and jax.process_count() == 1 else None)
     self._pending: tuple[int, concurrent.futures.Future] | None = None  # (step, orbax's save)
+    self._committing: int | None = None  # the step orbax may still be committing
 
   def path(self, step: int) -> str:
     return os.path.join(self.directory, str(step))
@@ -128,47 +151,96 @@ class Checkpoints:
     self._finish_pending()
     if step != self._last_saved:
       meta = {"step": step, **copy.deepcopy(host_state), "config": self._config}
-      def args(state):
-        return ocp.args.Composite(state=ocp.args.PyTreeSave(state), meta=ocp.args.JsonSave(meta))
       if self._thread is None:
-        self._manager.save(step, args=args(state), metrics=metrics, force=True)
+        self._write(step, state, meta, integrity.checksums(state), metrics)
       else:  # the next step may donate `state`; its device copy stays
-        self._pending = step, self._thread.submit(self._manager.save, step,
-                                                  args=args(_device_copy(state)),
-                                                  metrics=metrics, force=True)
+        state = _device_copy(state)
+        self._pending = step, self._thread.submit(self._write, step, state, meta,
+                                                  integrity.checksums(state), metrics)
       self._last_saved = step
     if wait:
       self.wait()
+
+  def _write(self, step: int, state: Any, meta: dict, checksums: dict, metrics) -> None:
+    """orbax's save of `state` with `meta` and the (device) `checksums` fetched into it."""
+    meta["checksums"] = {k: int(v) for k, v in jax.device_get(checksums).items()}
+    args = ocp.args.Composite(state=ocp.args.PyTreeSave(state), meta=ocp.args.JsonSave(meta))
+    self._wait_committed()  # orbax would raise the previous write's failure in this save
+    self._writing(step, lambda: self._manager.save(step, args=args, metrics=metrics,
+                                                   force=True))
+    self._committing = step
+
+  def _wait_committed(self) -> None:
+    """Waits for orbax's commit of the last write; raises its failure naming its step."""
+    step, self._committing = self._committing, None
+    if step is not None:
+      self._writing(step, self._manager.wait_until_finished)
+
+  def _writing(self, step: int, write) -> None:
+    """write(), with a failure turned into one CheckpointIOError line naming the step."""
+    try:
+      write()
+    except Exception as e:  # noqa: BLE001 - orbax and tensorstore raise many kinds
+      self._last_saved = None  # a retry of `step` writes it again
+      previous = [s for s in self._manager.all_steps() if s != step]
+      kept = (f"the latest complete checkpoint is step {max(previous)}" if previous
+              else "no earlier checkpoint exists")
+      raise CheckpointIOError(f"checkpoint {self.path(step)} could not be written "
+                              f"({_brief(e)}); {kept}") from e
 
   def _finish_pending(self) -> None:
     """Waits for the background save, if any; raises its failure (once)."""
     if self._pending is None:
       return
     (step, future), self._pending = self._pending, None
-    try:
-      future.result()
-    except Exception as e:  # noqa: BLE001 - orbax and tensorstore raise many kinds
-      self._last_saved = None  # a retry of `step` writes it again
-      raise RuntimeError(f"saving checkpoint {self.path(step)} in the background failed: "
-                         f"{type(e).__name__}: {e}") from e
+    future.result()
 
   def wait(self) -> None:
     """Blocks until every started save is committed."""
     self._finish_pending()
-    self._manager.wait_until_finished()
+    self._wait_committed()
 
   def close(self) -> None:
+    """Waits for the started saves (raising a failure), then stops orbax's threads."""
     try:
-      self._finish_pending()
+      self.wait()
     finally:
       if self._thread is not None:
         self._thread.shutdown()
-      self._manager.close()
+      try:
+        self._manager.close()
+      except Exception:  # noqa: BLE001 - orbax raises a failed save again: reported already
+        pass
 
   def restore_latest(self, target: Any) -> tuple[Any, dict[str, Any]] | None:
-    """`restore(latest_step(), target)`, or None when there is no complete checkpoint."""
-    step = self.latest_step()
-    return None if step is None else self.restore(step, target)
+    """`restore(latest_step(), target)`, or None when there is no complete checkpoint.
+
+    A damaged checkpoint raises DamagedCheckpoint, or with `skip_damaged` is moved to
+    `<workdir>/damaged/<step>` (nothing is deleted) and the one before it is restored.
+    """
+    while (step := self.latest_step()) is not None:
+      try:
+        return self.restore(step, target)
+      except DamagedCheckpoint as e:
+        if not self.skip_damaged:
+          raise
+        self._set_aside(step, e)
+    return None
+
+  def _set_aside(self, step: int, error: DamagedCheckpoint) -> None:
+    damaged = os.path.join(os.path.dirname(self.directory), "damaged")
+    destination = os.path.join(damaged, str(step))
+    if jax.process_index() == 0:
+      os.makedirs(damaged, exist_ok=True)
+      suffix = 1
+      while os.path.exists(destination):  # the same step damaged twice: keep both
+        destination, suffix = os.path.join(damaged, f"{step}.{suffix}"), suffix + 1
+      os.rename(self.path(step), destination)
+      log(f"{error}: moved to {destination}")
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f"jaxscale:set_aside_{step}")
+    self._manager.reload()
+    self._last_saved = self._manager.latest_step()
 
   def restore(self, step: int, target: Any) -> tuple[Any, dict[str, Any]]:
     """Restores checkpoint `step` onto the shardings of `target`; returns (state, meta).
@@ -192,8 +264,23 @@ class Checkpoints:
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), target)
     restore = ocp.args.PyTreeRestore(
         abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract))
-    state = _reading(path, lambda: self._manager.restore(
-        step, args=ocp.args.Composite(state=restore)).state)
+    try:
+      state = _reading(path, lambda: self._manager.restore(
+          step, args=ocp.args.Composite(state=restore)).state)
+      expected = meta.get("checksums")  # absent in checkpoints of jaxscale before 2026-12
+      bad = expected and integrity.mismatches(expected,
+                                              jax.device_get(integrity.checksums(state)))
+      if bad:
+        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+        raise CheckpointIOError(
+            f"checkpoint {path} is damaged: {len(bad)} of {len(expected)} arrays differ from the "
+            f"checksums written at save ({', '.join(bad[:3])}{more})")
+    except CheckpointIOError as e:
+      earlier = [s for s in self._manager.all_steps() if s < step]
+      hint = (f"; the previous complete checkpoint is step {max(earlier)}: rerun with "
+              f"--config.checkpoint_skip_damaged=True to move this one aside and resume from it"
+              if earlier else "; no earlier checkpoint: move it away to start over")
+      raise DamagedCheckpoint(f"{e}{'' if self.skip_damaged else hint}", step) from e
     return state, meta
 
 
@@ -217,46 +304,65 @@ def _device_copy(tree: Any) -> Any:
 
 def _reading(path: str, read):
   """read(), with any failure turned into one CheckpointError line that names `path`."""
-  _drop_closed_loop_callbacks()
+  _quiet_orbax_echoes()
   try:
     return read()
   except Exception as e:  # noqa: BLE001 - orbax and tensorstore raise many kinds
-    lines = str(e).strip().splitlines() or [""]
-    brief = lines[0].split(" [tensorstore_spec=")[0][:400]
-    raise CheckpointError(f"checkpoint {path} cannot be read ({type(e).__name__}: {brief})"
-                          ) from e
+    raise CheckpointIOError(f"checkpoint {path} cannot be read ({_brief(e)})") from e
 
 
-def _drop_closed_loop_callbacks() -> None:
-  """Silences one known echo of a failed read, and nothing else (installed before reading).
+def _brief(error: BaseException) -> str:
+  """`Type: first line`, without tensorstore's spec dump and nesting: its root cause."""
+  text = (str(error).strip().splitlines() or [""])[0]
+  text = re.split(r" \[(?:tensorstore_spec|os_error_code|source locations)", text)[0]
+  if len(text) > 200 and '": ' in text:  # tensorstore nests `what "path": why`
+    text = f"{text.split(':')[0]}: ... {text.rsplit(chr(34) + ': ', 1)[1]}"
+  return f"{type(error).__name__}: {text[:400]}"
 
-  When one array of a restore fails, orbax closes its event loop while tensorstore finishes the
-  other reads; their completion callbacks then raise "Event loop is closed" as unraisable
-  exceptions, whose tracebacks would bury the one-line error.
+
+def _quiet_orbax_echoes() -> None:
+  """Silences the echoes of one failed write or read, and nothing else (installed once).
+
+  When one array's write or read fails (a full disk, a damaged file), orbax logs the exception
+  from each of its worker threads and tasks and closes its event loop while tensorstore finishes
+  the other arrays, whose completion callbacks then raise "Event loop is closed". The failure itself
+  reaches the caller, which reports it as one line; its echoes would bury that line under
+  hundreds of lines of tracebacks (`--debug` prints the failure's own traceback).
   """
-  previous = sys.unraisablehook
-  if getattr(previous, "jaxscale_drops_closed_loop", False):
+  if getattr(sys.excepthook, "jaxscale_quiet", False):
     return
 
-  def hook(unraisable):
-    if not (isinstance(unraisable.exc_value, RuntimeError)
-            and str(unraisable.exc_value) == "Event loop is closed"):
-      previous(unraisable)
+  def closed_loop(error) -> bool:
+    return isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
 
-  hook.jaxscale_drops_closed_loop = True
-  sys.unraisablehook = hook
+  def orbax_coroutine(thing) -> bool:  # one of orbax's writes, dropped at interpreter exit
+    return "orbax" in getattr(getattr(thing, "cr_code", None), "co_filename", "")
+
+  previous_unraisable, previous_except = sys.unraisablehook, sys.excepthook
+
+  def unraisable(info):
+    if not (closed_loop(info.exc_value) or orbax_coroutine(info.object)):
+      previous_unraisable(info)
+
+  def excepthook(kind, value, tb):
+    if not closed_loop(value):
+      previous_except(kind, value, tb)
+
+  excepthook.jaxscale_quiet = True
+  sys.unraisablehook, sys.excepthook = unraisable, excepthook
+  logging.getLogger("absl").addFilter(lambda record: not any(
+      echo in record.getMessage() for echo in ("_SignalingThread.run() raised an exception",
+                                               "in background save thread",
+                                               "Save Finalize thread (save_finalize) failed")))
+  logging.getLogger("asyncio").addFilter(lambda record: not (
+      "exception was never retrieved" in record.getMessage() and "orbax" in record.getMessage()))
 
 
 def _leaf_specs(tree: Any) -> dict[str, tuple[tuple[int, ...], str]]:
   """{'params/Conv_0/kernel': (shape, dtype)} for a state, abstract state or orbax metadata."""
   tree = getattr(tree, "tree", tree)  # orbax's TreeMetadata wraps the tree
-  def name(key):
-    for attr in ("key", "name", "idx"):
-      if hasattr(key, attr):
-        return str(getattr(key, attr))
-    return str(key)
   leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-  return {"/".join(name(k) for k in path): (tuple(x.shape), str(np.dtype(x.dtype)))
+  return {integrity.path_name(path): (tuple(x.shape), str(np.dtype(x.dtype)))
           for path, x in leaves}
 
 
@@ -290,7 +396,13 @@ def read(step_dir: str) -> tuple[dict[str, Any], dict[str, Any]]:
     meta = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(epath.Path(step_dir) / "meta")
     return state, meta
 
-  return _reading(step_dir, read_all)
+  state, meta = _reading(step_dir, read_all)
+  bad = meta.get("checksums") and integrity.mismatches(meta["checksums"],
+                                                       integrity.numpy_checksums(state))
+  if bad:
+    raise CheckpointIOError(f"checkpoint {step_dir} is damaged: {len(bad)} arrays differ from "
+                            f"the checksums written at save ({', '.join(bad[:3])})")
+  return state, meta
 
 
 def _complete_steps(directory: str) -> tuple[str, list[int]]:

@@ -120,6 +120,9 @@ def defaults() -> ml_collections.ConfigDict:
   c.checkpoint_keep_every_steps = 0  # also keep those whose step is a multiple; 0: none
   c.checkpoint_async = True  # write in the background while training goes on
   c.checkpoint_keep_best = False  # also keep the checkpoint of the best eval accuracy
+  # A checkpoint whose arrays fail their checksums stops the run (False), or is moved to
+  # workdir/damaged/<step> and the previous one restored (True); nothing is deleted.
+  c.checkpoint_skip_damaged = False
   return c
 
 
@@ -200,6 +203,9 @@ def apply_override(config: ml_collections.ConfigDict, override: str) -> None:
   _assign(node, leaf, _coerce(key, value, default), key)
 
 
+_NON_FINITE = ("nan", "inf", "-inf", "+inf", "infinity", "-infinity")
+
+
 def _coerce(name: str, value: Any, default: Any) -> Any:
   """Checks `value` against the default's type; ints are accepted where floats are expected."""
   if default is None or value is None:
@@ -209,6 +215,8 @@ def _coerce(name: str, value: Any, default: Any) -> Any:
       return value
   elif isinstance(default, float) and isinstance(value, (int, float)):
     return float(value)
+  elif isinstance(default, float) and isinstance(value, str) and value.lower() in _NON_FINITE:
+    return float(value)  # then refused by name in validate(), as 1e999 is
   elif isinstance(default, (list, tuple)) and isinstance(value, (list, tuple)):
     return type(default)(value)
   elif isinstance(value, type(default)):
@@ -312,7 +320,7 @@ def profile_range(text: str) -> tuple[int, int]:
 EXECUTION_KEYS = frozenset({
     "state_sharding", "parallelism", "mesh", "allreduce", "xla_gpu_overlap", "data_workers",
     "prefetch_batches", "log_every_steps", "progress_bar", "compilation_cache_dir",
-    "profile_steps", "checkpoint_async"})
+    "profile_steps", "checkpoint_async", "checkpoint_skip_damaged"})
 
 
 def changed_keys(old: dict, new: dict) -> list[str]:

@@ -105,7 +105,8 @@ def _train(pieces: Pieces, workdir: str, config_json: str, clock: evaluation.Clo
       os.path.join(workdir, "checkpoints"), config_json,
       every_steps=config.checkpoint_every_steps, keep=config.checkpoint_keep,
       keep_every_steps=config.checkpoint_keep_every_steps,
-      keep_best=config.checkpoint_keep_best, async_save=config.checkpoint_async)
+      keep_best=config.checkpoint_keep_best, async_save=config.checkpoint_async,
+      skip_damaged=config.checkpoint_skip_damaged)
   state = pieces.init_state()
   total_steps, step = pieces.total_steps, 0
   noise = NoiseScale()
@@ -290,6 +291,11 @@ def main(argv: list[str] | None = None) -> None:
     prefix = "jaxscale-train: " if isinstance(e, Preempted) else "jaxscale-train: error: "
     print(prefix + str(e), file=sys.stderr, flush=True)
     sys.exit(e.exit_status)
+  except OSError as e:  # a write outside the checkpoints (metrics, profile): full disk, ...
+    if debug:
+      traceback.print_exc()
+    print(f"jaxscale-train: error: {errors.first_line(e)}", file=sys.stderr, flush=True)
+    sys.exit(errors.EXIT_IO)
   except Exception as e:
     distributed.exit_after_error(e)  # multi-process: exit now, so the other processes stop too
     raise

@@ -12,7 +12,8 @@ Output goes to one log per process in --log-dir; process 0's is also copied to t
 
 SIGTERM and SIGINT are forwarded to every process; those still running after --grace-period-s
 are killed. When a process fails, the others are stopped the same way and the launcher exits
-non-zero naming it. Exit status: 0 when every process exits 0; otherwise the status of the first
+non-zero naming it. Exit status: 0 when every process exits 0; 75 when every process was
+preempted (saved a checkpoint and exited 75: rerun to resume); otherwise the status of the first
 process that failed (128 + N when killed by signal N); 2 for bad arguments.
 """
 from __future__ import annotations
@@ -41,6 +42,9 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
+PREEMPTED = 75  # jaxscale-train's status after saving a checkpoint on SIGTERM/SIGINT
+
+
 def exit_status(returncode: int) -> int:
   """A Popen return code as a shell exit status: -N (killed by signal N) becomes 128 + N."""
   return 128 - returncode if returncode < 0 else returncode
@@ -52,6 +56,8 @@ def describe(returncode: int) -> str:
       return f"was killed by {signal.Signals(-returncode).name}"
     except ValueError:
       return f"was killed by signal {-returncode}"
+  if returncode == PREEMPTED:
+    return f"was preempted (exit {PREEMPTED}: a checkpoint was saved)"
   return f"exited with code {returncode}"
 
 
@@ -195,8 +201,13 @@ def supervise(run: Run) -> int:
     log(f"all {len(run.procs)} processes exited with code 0")
     return 0
   index, code = first_failure
+  statuses = ", ".join(f"{i}={exit_status(p.returncode)}" for i, p in enumerate(run.procs))
+  if all(p.returncode == PREEMPTED for p in run.procs):
+    log(f"preempted: every process saved and exited with {PREEMPTED}; rerun the same command "
+        f"to resume")
+    return PREEMPTED
   log(f"failed: process {index} {describe(code)} (log: {run.log_paths[index]}); statuses: "
-      + ", ".join(f"{i}={exit_status(p.returncode)}" for i, p in enumerate(run.procs)))
+      f"{statuses}")
   return exit_status(code)
 
 

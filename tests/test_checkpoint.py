@@ -172,24 +172,25 @@ def test_a_failed_background_save_is_raised_by_the_next_call(tmp_path, monkeypat
   def full_disk(*args, **kwargs):
     raise OSError(28, "No space left on device")
 
-  def failed(step):
-    return (rf"^saving checkpoint {tmp_path}/{step} in the background failed: OSError: "
-            r"\[Errno 28\] No space left on device$")
+  def failed(step, kept="no earlier checkpoint exists"):
+    return (rf"^checkpoint {tmp_path}/{step} could not be written \(OSError: \[Errno 28\] No "
+            rf"space left on device\); {kept}$")
 
   monkeypatch.setattr(ckpts._manager, "save", full_disk)
   ckpts.save(1, state, {})
-  with pytest.raises(RuntimeError, match=failed(1)):
+  with pytest.raises(checkpoint.CheckpointIOError, match=failed(1)):
     ckpts.wait()
   ckpts.wait()  # raised once
   ckpts.save(2, state, {})
-  with pytest.raises(RuntimeError, match=failed(2)):
+  with pytest.raises(checkpoint.CheckpointIOError, match=failed(2)):
     ckpts.save(3, state, {})  # raised before step 3 is started
   monkeypatch.setattr(ckpts._manager, "save", orbax_save)
   ckpts.save(2, state, {}, wait=True)  # the failed step can be saved again
   assert ckpts.latest_step() == 2
   monkeypatch.setattr(ckpts._manager, "save", full_disk)
   ckpts.save(4, state, {})
-  with pytest.raises(RuntimeError, match=failed(4)):
+  with pytest.raises(checkpoint.CheckpointIOError,
+                     match=failed(4, "the latest complete checkpoint is step 2")):
     ckpts.close()
   assert sorted(os.listdir(tmp_path)) == ["2"]
 

@@ -150,6 +150,9 @@ def test_local_forwards_signals_to_every_process(tmp_path, signum):
     if proc.poll() is None:
       proc.kill()
   assert proc.returncode == 75, stderr
+  assert "failed" not in stderr
+  assert stderr.strip().splitlines()[-1].endswith(
+      "preempted: every process saved and exited with 75; rerun the same command to resume")
   for i in range(2):
     assert (tmp_path / f"got-{i}").read_text() == signum.name
 

@@ -4,7 +4,8 @@ Runs of 2 processes x 2 CPU devices and 4 x 2 (started by launch/local.py, each 
 `train.main` inside tests/multiprocess_driver.py) are compared with a single-process run over 8
 devices with the same global batch: BatchNorm statistics and gradients are means over the whole
 global batch, so every layout takes the same steps up to float rounding.
-A third run loses a process to SIGKILL and must not hang. Time budget: about 100 s on 2 cores.
+A 2 x 2 run with the state sharded (fsdp) matches too, and its checkpoint reads back whole.
+A run loses a process to SIGKILL and must not hang. Time budget: about 130 s on 2 cores.
 """
 import json
 import os
@@ -15,8 +16,11 @@ import subprocess
 import sys
 import time
 
+import jax
 import numpy as np
 import pytest
+
+from jaxscale import checkpoint
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -122,6 +126,18 @@ def test_two_processes_hosts_mesh_equal_single_process(tmp_path, jit_cache, refe
   log0, log1 = (open(os.path.join(logs, f"process_{i}.log")).read() for i in range(2))
   assert "step 6" in log0 and "done at step 6: eval accuracy" in log0
   assert "[jaxscale" not in log1, log1[-2000:]
+
+
+def test_two_processes_sharded_state_equal_single_process(tmp_path, jit_cache, reference):
+  # Parameters and optimizer state sharded over both processes' devices; each process writes
+  # its own shards, and the checkpoint reads back whole, checksums included.
+  workdir, out, _ = launch(tmp_path, jit_cache, 2, 2, extra=["state_sharding=fsdp"])
+  assert_same_training(workdir, out, reference)
+  state, meta = checkpoint.read(os.path.join(workdir, "checkpoints", str(STEPS)))
+  assert meta["checksums"]  # verified by read()
+  params = dict(np.load(os.path.join(out, "params.npz")))
+  for path, leaf in jax.tree_util.tree_leaves_with_path({"params": state["params"]}):
+    np.testing.assert_array_equal(leaf, params[jax.tree_util.keystr(path)])
 
 
 def test_four_processes_read_own_shards_and_equal_single_process(tmp_path, jit_cache, reference):

@@ -246,7 +246,7 @@ def test_unreadable_checkpoint_stops_the_run_with_one_error(tmp_path, jit_cache,
   shutil.rmtree(os.path.join(latest, "state", "d"))
   older = snapshot(os.path.join(workdir, "checkpoints", str(TOTAL_STEPS - 3)))
   run = Run(workdir, jit_cache)
-  assert run.finish() == [2]
+  assert run.finish() == [errors.EXIT_IO]
   last_line = run.output().strip().splitlines()[-1]
   assert last_line.startswith(f"jaxscale-train: error: checkpoint {latest} cannot be read (")
   assert snapshot(os.path.join(workdir, "checkpoints", str(TOTAL_STEPS - 3))) == older

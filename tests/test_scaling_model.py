@@ -167,3 +167,17 @@ def test_markdown_and_options():
                "--h200-images-per-sec", "7000")
     assert "|---|" in out and "| Goyal et al. 256 P100 |" in out
     assert "fp32 gradients (102.2 MB)" in out and "7,000 img/s" in out
+
+
+def test_sharded_update_hand_case():
+    # 25,557,032 params x 20 bytes (LARS) / 3.36e12 B/s = 0.1521 ms; sharded over 2,048: /2048.
+    assert sm.update_time(sm.RESNET50_PARAMS, "lars") == pytest.approx(
+        25_557_032 * 20 / 3.36e12)
+    system = sm.h200_system(2_048, 16)
+    step = sm.predict(system).step_s
+    rep, shard, norms = sm.sharded_update_effect(system, "lars")
+    assert norms == pytest.approx(2 * 11 * 5e-6)  # 2 log2(2048) inter-node latencies
+    assert rep == pytest.approx(step + 25_557_032 * 20 / 3.36e12)
+    assert shard == pytest.approx(step + 25_557_032 * 20 / 3.36e12 / 2_048 + norms)
+    assert sm.sharded_update_effect(system, "sgd")[2] == 0.0  # no layer norms to combine
+    assert sm.sharded_update_effect(system, "lamb")[0] > rep  # two moments stream more bytes

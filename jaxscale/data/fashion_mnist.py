@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import gzip
 import os
+import zlib
 from typing import Callable
 
 import numpy as np
 import tensorflow_datasets as tfds
+
+from jaxscale.errors import DataError, first_line
 
 DEFAULT_IDX_DIR = "/usr/share/datasets/fashion-mnist"  # Debian's dataset-fashion-mnist
 _FILES = {
@@ -23,18 +26,30 @@ CLASS_NAMES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", 
 
 
 def read_idx(path: str) -> np.ndarray:
-  """Reads one (optionally gzipped) IDX file of unsigned bytes into an array."""
+  """Reads one (optionally gzipped) IDX file of unsigned bytes into an array.
+
+  Raises DataError, naming the file, for one that is damaged (bad magic, truncated, a broken
+  gzip stream) or unreadable.
+  """
+  def damaged(why: str) -> DataError:
+    return DataError(f"Fashion-MNIST file {path} is damaged: {why} (config key "
+                     f"fashion_mnist_idx_dir; apt-get install --reinstall dataset-fashion-mnist)")
   opener = gzip.open if path.endswith(".gz") else open
-  with opener(path, "rb") as f:
-    raw = f.read()
+  try:
+    with opener(path, "rb") as f:
+      raw = f.read()
+  except (EOFError, gzip.BadGzipFile, zlib.error) as e:  # truncated or not gzip
+    raise damaged(f"broken gzip stream ({first_line(e)})") from None
+  except OSError as e:
+    raise DataError(f"Fashion-MNIST file {path} cannot be read ({first_line(e)})") from None
   magic = int.from_bytes(raw[:4], "big")
-  if magic >> 8 != 0x08:  # 0x08: unsigned byte data
-    raise ValueError(f"{path}: not an IDX file of unsigned bytes (magic {magic:#x})")
+  if len(raw) < 4 or magic >> 8 != 0x08 or not 1 <= magic & 0xFF <= 4:  # 0x08: unsigned bytes
+    raise damaged(f"not an IDX file of unsigned bytes (magic {magic:#x})")
   ndim = magic & 0xFF
   shape = tuple(int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim))
-  data = np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim)
+  data = np.frombuffer(raw, np.uint8, offset=min(4 + 4 * ndim, len(raw)))
   if data.size != int(np.prod(shape)):
-    raise ValueError(f"{path}: truncated IDX file ({data.size} bytes for shape {shape})")
+    raise damaged(f"{data.size} bytes of data for shape {shape}")
   return data.reshape(shape)
 
 
@@ -76,12 +91,19 @@ class FashionMnistIdx(tfds.core.GeneratorBasedBuilder):
     return {split: self._generate_examples(split) for split in _FILES}
 
   def _generate_examples(self, split):
-    images_path, labels_path = idx_paths(self._idx_dir, split)
-    images, labels = read_idx(images_path), read_idx(labels_path)
-    if len(images) != len(labels):
-      raise ValueError(f"{images_path}: {len(images)} images but {labels_path} has {len(labels)}")
+    images, labels = read_split(self._idx_dir, split)
     for i, (image, label) in enumerate(zip(images, labels)):
       yield i, {"image": image[..., None], "label": int(label)}
+
+
+def read_split(idx_dir: str, split: str) -> tuple[np.ndarray, np.ndarray]:
+  """(images, labels) of a split; DataError naming the file if one is damaged."""
+  images_path, labels_path = idx_paths(idx_dir, split)
+  images, labels = read_idx(images_path), read_idx(labels_path)
+  if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+    raise DataError(f"Fashion-MNIST files {images_path} ({images.shape}) and {labels_path} "
+                    f"({labels.shape}) do not match (config key fashion_mnist_idx_dir)")
+  return images, labels
 
 
 def has_idx_files(idx_dir: str) -> bool:
@@ -90,9 +112,12 @@ def has_idx_files(idx_dir: str) -> bool:
 
 def prepare(idx_dir: str, data_dir: str) -> tfds.core.DatasetBuilder:
   """Converts the IDX files once (a no-op when already done) and returns the builder."""
-  return prepare_once(
-      lambda: FashionMnistIdx(idx_dir=idx_dir, data_dir=data_dir, file_format="array_record"),
-      download_config=tfds.download.DownloadConfig(verify_ssl=False))
+  def make_builder():
+    return FashionMnistIdx(idx_dir=idx_dir, data_dir=data_dir, file_format="array_record")
+  if not make_builder().is_prepared():
+    for split in _FILES:  # a damaged file is one line here, not a traceback from inside TFDS
+      read_split(idx_dir, split)
+  return prepare_once(make_builder, download_config=tfds.download.DownloadConfig(verify_ssl=False))
 
 
 def prepare_once(make_builder: Callable[[], tfds.core.DatasetBuilder],
