@@ -1,5 +1,6 @@
 """The data path: offline Fashion-MNIST, the training stream, exact eval, global batches."""
 import os
+import shutil
 import sys
 
 import jax
@@ -142,3 +143,15 @@ def test_local_batches_become_one_global_array(fmnist):
   assert len(array.addressable_shards) == 8
   assert array.addressable_shards[0].data.shape == (8, 28, 28, 1)
   np.testing.assert_array_equal(np.asarray(array), local["image"])
+
+
+def test_a_users_prepared_builder_is_found_without_its_code(tfds_dir, tmp_path):
+  # A dataset prepared by a builder that this process never imports: TFDS's files in data_dir
+  # under a name that no registered builder has.
+  shutil.copytree(os.path.join(tfds_dir, "fashion_mnist_idx"), tmp_path / "my_garments")
+  config = config_lib.defaults()
+  config.data_dir, config.dataset = str(tmp_path), "my_garments"
+  assert "my_garments" not in sources._catalog()
+  dataset = data.load_dataset(config)
+  assert (len(dataset.train), len(dataset.eval), dataset.num_classes) == (60_000, 10_000, 10)
+  assert dataset.train[0]["image"].shape == (28, 28, 1)
