@@ -164,8 +164,8 @@ def test_benchmark_reports_time_to_accuracy_from_eval_curves(tmp_path):
                      [3, 44, 0.911, 90.0, 3.0], [4, 59, 0.912, 120.0, 4.0]]}
   table = bench.report([baseline, large], str(tmp_path))
   assert "within 1 and 2 points of the baseline's final 93.00%" in table
-  assert "| sgd 128 (x1) | 93.00% | 3 (1,407) | 2 (938) | 116 s |" in table
-  assert "| lamb 4,096 (x1) | 91.20% | not reached | 3 (44) | 87 s |" in table
+  assert "| sgd 128 (x1) | 93.00% | 3.0 (1,407) | 2.0 (938) | 116 s |" in table
+  assert "| lamb 4,096 (x1) | 91.20% | not reached | 3.0 (44) | 87 s |" in table
   assert os.path.exists(tmp_path / "large_batch_curves.png")
 
 
