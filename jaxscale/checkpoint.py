@@ -33,6 +33,7 @@ import logging
 import os
 import re
 import sys
+import warnings
 from typing import Any
 
 import jax
@@ -356,6 +357,9 @@ def _quiet_orbax_echoes() -> None:
                                                "Save Finalize thread (save_finalize) failed")))
   logging.getLogger("asyncio").addFilter(lambda record: not (
       "exception was never retrieved" in record.getMessage() and "orbax" in record.getMessage()))
+  # The writes that a failure cancelled, collected at exit ("coroutine ... was never awaited").
+  warnings.filterwarnings("ignore", message="coroutine .* was never awaited",
+                          category=RuntimeWarning)
 
 
 def _leaf_specs(tree: Any) -> dict[str, tuple[tuple[int, ...], str]]:
